@@ -1,0 +1,382 @@
+"""Tests of lwat.perturb: Algorithm 1 against a hand-written reference, placement, cache, compile."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lwat
+
+
+def conv_bn_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    )
+
+
+def tanh_mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 5))
+
+
+class LeNet(nn.Module):
+    """The classic conv-pool-conv-pool-fc-fc-fc net, no BatchNorm, functional activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16 * 5 * 5, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.bn(self.conv(x)))
+
+
+class Nested(nn.Module):
+    """Nested blocks, functional activations, a BN at the top level and inside blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.blocks = nn.ModuleList([Block(4), Block(4)])
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem_bn(self.stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def batches(n, shape, classes=5, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=g).to(device), torch.randint(0, classes, shape[:1], generator=g).to(device))
+            for _ in range(n)]
+
+
+# ---- the independent reference: Algorithm 1 written out by hand on a plain copy ------------------
+
+def reference_run(model, points, data, eps, scale, lr=0.1):
+    """Algorithm 1 by hand: run the plain model module by module, add eps_l * r_l after each point,
+    take dJ/da at the points with torch.autograd.grad, update r_l and eps_l, SGD step.
+    Returns the outputs of every step and the final (signs, eps_l) per point."""
+    model = copy.deepcopy(model)
+    mods = dict(model.named_modules())
+    r = {p: None for p in points}
+    eps_l = {p: None for p in points}
+    outputs = []
+    for x, y in data:
+        acts = {}
+
+        def hook(name):
+            def fn(module, args, out):
+                if r[name] is not None:  # nothing is added on the first batch (Algorithm 1, t = 0)
+                    out = out + eps_l[name] * r[name]
+                acts[name] = out
+                return out
+            return fn
+
+        hooks = [mods[p].register_forward_hook(hook(p)) for p in points]
+        out = model(x)
+        for h in hooks:
+            h.remove()
+        loss = F.cross_entropy(out, y)
+        params = list(model.parameters())
+        grads = torch.autograd.grad(loss, params + [acts[p] for p in points])
+        for p, g in zip(points, grads[len(params):]):
+            r[p] = torch.sign(g)  # Eq. 5
+            eps_l[p] = eps * (g.max() - g.min()) if scale == "range" else torch.tensor(eps)
+        with torch.no_grad():
+            for param, g in zip(params, grads):
+                param -= lr * g
+        outputs.append(out.detach())
+    return outputs, r, eps_l
+
+
+def lwat_run(model, data, eps, scale, lr=0.1, **kw):
+    model = copy.deepcopy(model)
+    handle = lwat.attach(model, eps, scale=scale, **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    outputs = []
+    for x, y in data:
+        opt.zero_grad()
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+        opt.step()
+        outputs.append(out.detach())
+    return model, handle, outputs
+
+
+@pytest.mark.parametrize("scale,eps", [("range", 10.0), ("fixed", 0.3)])
+@pytest.mark.parametrize("make,shape", [(conv_bn_net, (8, 3, 8, 8)), (tanh_mlp, (8, 12))])
+def test_algorithm1_matches_hand_written_reference(make, shape, scale, eps, device):
+    torch.manual_seed(0)
+    net = make().to(device)
+    data = batches(4, shape, device=device)
+    model, handle, outs = lwat_run(net, data, eps, scale)
+    ref_outs, ref_r, ref_eps = reference_run(net, handle.points, data, eps, scale)
+    assert torch.equal(outs[0], net(data[0][0]).detach())  # first batch: the plain model's output
+    for o, ro in zip(outs, ref_outs):
+        torch.testing.assert_close(o, ro, rtol=1e-5, atol=1e-5)
+    cache = handle.state_dict()
+    for p in handle.points:
+        assert cache[p]["signs"].dtype == torch.int8
+        assert torch.equal(cache[p]["signs"].float(), ref_r[p])
+        torch.testing.assert_close(cache[p]["scale"], ref_eps[p].float().to(device))
+    baseline = reference_run(net, [], data[:2], eps, scale)[0]
+    assert torch.equal(baseline[0], ref_outs[0]) and not torch.allclose(baseline[1], outs[1], atol=1e-4)
+
+
+def test_perturbation_is_exactly_eps_l_times_previous_signs(device):
+    """Batch 1's point output minus the plain output equals eps_l * sign(grad of batch 0)."""
+    torch.manual_seed(0)
+    net = conv_bn_net().to(device)
+    model = copy.deepcopy(net)
+    lwat.attach(model, 20.0)
+    (x0, y0), (x1, _) = batches(2, (6, 3, 8, 8), device=device)
+    F.cross_entropy(model(x0), y0).backward()
+    plain = copy.deepcopy(net)  # the reference gradient dJ/da at the first BN, from a plain copy
+    seen = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        seen.append(out)
+
+    plain[1].register_forward_hook(keep)
+    F.cross_entropy(plain(x0), y0).backward()
+    g = seen[0].grad
+    expect = 20.0 * (g.max() - g.min()) * torch.sign(g)
+    got = model[1](model[0](x1)) - plain[1](plain[0](x1))
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_untouched_and_detach_restores(device):
+    torch.manual_seed(0)
+    net = conv_bn_net().to(device)
+    data = batches(3, (8, 3, 8, 8), device=device)
+    model, handle, _ = lwat_run(net, data, 10.0, "range")
+    plain = conv_bn_net().to(device)
+    plain.load_state_dict(model.state_dict())  # same keys: a trained checkpoint loads into the plain net
+    assert model.state_dict().keys() == net.state_dict().keys()
+    model.eval(), plain.eval()
+    assert torch.equal(model(data[0][0]), plain(data[0][0]))
+    handle.detach()
+    assert [type(m) for m in model.modules()] == [type(m) for m in plain.modules()]
+    assert not any(hasattr(m, "_lwat") for m in model.modules())
+    model.train(), plain.train()
+    assert torch.equal(model(data[1][0]), plain(data[1][0]))
+
+
+def test_state_dict_round_trip_reproduces_next_forward(device):
+    torch.manual_seed(0)
+    net = conv_bn_net().to(device)
+    data = batches(3, (8, 3, 8, 8), device=device)
+    model, handle, _ = lwat_run(net, data, 10.0, "range")
+    clone = conv_bn_net().to(device)
+    clone.load_state_dict(model.state_dict())
+    h2 = lwat.attach(clone, 10.0)
+    h2.load_state_dict(handle.state_dict())
+    x = data[0][0]
+    assert torch.equal(clone(x), model(x))
+    with pytest.raises(ValueError, match="points"):
+        h2.load_state_dict({"nope": {"signs": None, "scale": None}})
+
+
+def test_paused_adds_nothing_and_keeps_cache(device):
+    torch.manual_seed(0)
+    data = batches(3, (8, 3, 8, 8), device=device)
+    model, handle, _ = lwat_run(conv_bn_net().to(device), data, 10.0, "range")
+    before = {p: v["signs"].clone() for p, v in handle.state_dict().items()}
+    plain = conv_bn_net().to(device)
+    plain.load_state_dict(model.state_dict())
+    x, y = data[1]
+    with handle.paused():
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+    assert torch.equal(out, plain(x))
+    assert all(torch.equal(before[p], v["signs"]) for p, v in handle.state_dict().items())
+    out = model(x)  # a perturbed pass after the clean one still uses the old cache
+    assert not torch.equal(out, plain(x))
+    with handle.paused(capture=True):  # FGS-inter's clean pass: no perturbation, cache refreshed
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+    assert torch.equal(out, plain(x))
+    assert any(not torch.equal(before[p], v["signs"]) for p, v in handle.state_dict().items())
+
+
+def test_smaller_batch_uses_first_rows_and_larger_batch_restarts(device):
+    torch.manual_seed(0)
+    net = tanh_mlp().to(device)
+    model = copy.deepcopy(net)
+    handle = lwat.attach(model, 0.5, scale="fixed")
+    x, y = batches(1, (8, 12), device=device)[0]
+    F.cross_entropy(model(x), y).backward()
+    cache = {p: v["signs"].clone() for p, v in handle.state_dict().items()}
+    small = x[:3]
+    out = model(small)
+    F.cross_entropy(out, y[:3]).backward()
+    a1 = net[1](net[0](small)) + 0.5 * cache["1"][:3]
+    expect = net[5](torch.tanh(net[3](torch.tanh(a1)) + 0.5 * cache["3"][:3]))
+    torch.testing.assert_close(out, expect)
+    assert all(torch.equal(cache[p], v["signs"]) for p, v in handle.state_dict().items())  # not refreshed
+    big = torch.cat([x, x])
+    assert torch.equal(model(big), net(big))  # larger: not perturbed
+    F.cross_entropy(model(big), torch.cat([y, y])).backward()
+    assert handle.state_dict()["1"]["signs"].shape[0] == 16  # ... and the cache starts afresh
+
+
+def test_default_points_for_user_models():
+    assert lwat.default_points(conv_bn_net()) == ["1", "4"]
+    assert lwat.default_points(tanh_mlp()) == ["1", "3"]
+    assert lwat.default_points(LeNet()) == ["conv1", "conv2", "fc1", "fc2"]
+    assert lwat.default_points(Nested()) == ["stem_bn", "blocks.0.bn", "blocks.1.bn"]
+
+
+@pytest.mark.parametrize("make,shape", [(LeNet, (4, 3, 32, 32)), (Nested, (4, 3, 8, 8))])
+def test_user_models_train(make, shape, device):
+    torch.manual_seed(0)
+    model = make().to(device)
+    handle = lwat.attach(model, 10.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for x, y in batches(3, shape, classes=3, device=device):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    for p, v in handle.state_dict().items():
+        assert v["signs"] is not None and v["signs"].abs().sum() > 0, p
+
+
+def test_explicit_points_and_depth():
+    model = Nested()
+    handle = lwat.attach(model, 1.0, points=["stem", "blocks.1.conv"])
+    assert handle.points == ["stem", "blocks.1.conv"]
+    handle.detach()
+    handle = lwat.attach(model, 1.0, depth=2)
+    assert handle.points == ["stem_bn", "blocks.0.bn"]
+    assert type(model.blocks[1].bn) is nn.BatchNorm2d
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(eps=-1.0), "eps"),
+    (dict(eps=1.0, scale="max"), "unknown scale 'max'"),
+    (dict(eps=1.0, points=["stem", "nope"]), "no module named 'nope'"),
+    (dict(eps=1.0, depth=4), "depth must be in 1..3"),
+    (dict(eps=1.0, direction="up"), "unknown direction"),
+])
+def test_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lwat.attach(Nested(), **kwargs)
+
+
+def test_no_point_and_double_attach():
+    with pytest.raises(ValueError, match="no perturbation point found in Sequential"):
+        lwat.attach(nn.Sequential(nn.ReLU(), nn.Linear(3, 2)), 1.0)
+    model = Nested()
+    lwat.attach(model, 1.0)
+    with pytest.raises(ValueError, match="already"):
+        lwat.attach(model, 1.0)
+
+
+def test_caches_are_per_instance_and_signs_are_int8(device):
+    torch.manual_seed(0)
+    a, b = conv_bn_net().to(device), conv_bn_net().to(device)
+    ha, hb = lwat.attach(a, 10.0), lwat.attach(b, 10.0)
+    (x, y), (x2, y2) = batches(2, (8, 3, 8, 8), device=device)
+    F.cross_entropy(a(x), y).backward()
+    assert all(v["signs"] is None for v in hb.state_dict().values())
+    F.cross_entropy(b(x2), y2).backward()
+    sa, sb = ha.state_dict()["1"], hb.state_dict()["1"]
+    assert not torch.equal(sa["signs"], sb["signs"])
+    assert sa["signs"].element_size() == 1 and sa["scale"].dim() == 0
+    assert not any(name.startswith("_lwat") for name, _ in a.named_buffers())
+
+
+def test_channels_last_cache_and_output(device):
+    torch.manual_seed(0)
+    net = conv_bn_net().to(device)
+    data = batches(3, (8, 3, 8, 8), device=device)
+    m1, h1, outs1 = lwat_run(net, data, 10.0, "range")
+    m2, h2, outs2 = lwat_run(net.to(memory_format=torch.channels_last),
+                             [(x.to(memory_format=torch.channels_last), y) for x, y in data], 10.0, "range")
+    signs = h2.state_dict()["1"]["signs"]
+    assert signs.is_contiguous(memory_format=torch.channels_last) and not signs.is_contiguous()
+    for o1, o2 in zip(outs1, outs2):
+        torch.testing.assert_close(o1, o2, rtol=1e-4, atol=1e-5)
+
+
+def test_random_direction_has_same_scale(device):
+    torch.manual_seed(0)
+    net = conv_bn_net().to(device)
+    data = batches(1, (8, 3, 8, 8), device=device)
+    _, hg, _ = lwat_run(net, data, 10.0, "range")
+    _, hr, _ = lwat_run(net, data, 10.0, "range", direction="random")
+    for p in hg.points:
+        assert torch.equal(hg.state_dict()[p]["scale"], hr.state_dict()[p]["scale"])
+        signs = hr.state_dict()[p]["signs"]
+        assert set(signs.unique().tolist()) == {-1, 1}
+        assert not torch.equal(signs, hg.state_dict()[p]["signs"])
+
+
+def test_grad_scale_leaves_eps_l_unchanged(device):
+    torch.manual_seed(0)
+    net = conv_bn_net().to(device)
+    (x, y), = batches(1, (8, 3, 8, 8), device=device)
+    scales = []
+    for factor in (1.0, 1024.0):
+        model = copy.deepcopy(net)
+        handle = lwat.attach(model, 10.0)
+        handle.grad_scale = torch.tensor(factor, device=device)
+        (F.cross_entropy(model(x), y) * factor).backward()
+        scales.append(handle.state_dict()["4"]["scale"])
+    torch.testing.assert_close(scales[0], scales[1])
+
+
+# ---- torch.compile: compiled must equal eager, including beside a compiled plain instance --------
+
+@pytest.mark.parametrize("plain_first", [True, False])
+def test_compiled_equals_eager(plain_first, device):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = conv_bn_net().to(device)
+    data = batches(4, (8, 3, 8, 8), device=device)
+    plain = copy.deepcopy(net)
+    compiled_plain = torch.compile(plain)
+    if plain_first:  # the graph of a plain instance of the same class exists before the attached one
+        compiled_plain(data[0][0])
+    eager_model, eager_handle, eager_outs = lwat_run(net, data, 10.0, "range")
+    model = copy.deepcopy(net)
+    handle = lwat.attach(model, 10.0)
+    compiled = torch.compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step, (x, y) in enumerate(data):
+        opt.zero_grad()
+        out = compiled(x)
+        F.cross_entropy(out, y).backward()
+        opt.step()
+        torch.testing.assert_close(out, eager_outs[step], rtol=1e-4, atol=1e-5)
+        if step > 0:  # perturbed: differs from the compiled plain instance on the same weights
+            plain.load_state_dict(model.state_dict())
+            assert not torch.allclose(compiled_plain(x), out, atol=1e-3)
+        for p, v in handle.state_dict().items():
+            assert v["signs"].abs().sum() > 0, p
+    for p, v in handle.state_dict().items():
+        assert torch.equal(v["signs"], eager_handle.state_dict()[p]["signs"])
+        torch.testing.assert_close(v["scale"], eager_handle.state_dict()[p]["scale"])
+    handle.detach()  # after detach, the compiled attached instance computes the plain model again
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(compiled(data[0][0]), plain(data[0][0]), rtol=1e-5, atol=1e-6)
