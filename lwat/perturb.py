@@ -163,6 +163,10 @@ class Handle:
             module._lwat.signs, module._lwat.scale = state[name]["signs"], state[name]["scale"]
 
 
+# Modules whose backward does not read their own output, so Eq. 6 may update that output in place.
+_OUTPUT_NOT_SAVED = (nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd, nn.Linear)
+
+
 @dataclass(eq=False)
 class _State:
     handle: Handle
@@ -182,13 +186,21 @@ class _Point(nn.Module):
             return out
         signs, n = state.signs, out.shape[0]
         usable = signs is not None and signs.shape[1:] == out.shape[1:] and n <= signs.shape[0]
-        if handle.capture and not (usable and n < signs.shape[0]):  # smaller batches never refresh
-            sink = state.sink
-            if sink is None or sink.shape != out.shape or sink.dtype != out.dtype:
-                sink = _new_sink(state, out)
-            out = out + sink
         if handle.perturb and usable:
-            out = out + state.scale * (signs if n == signs.shape[0] else signs[:n])  # Eq. 6
+            rows = signs if n == signs.shape[0] else signs[:n]
+            if isinstance(self, _OUTPUT_NOT_SAVED):  # no allocation: the module's backward never reads its output
+                out = out.addcmul_(rows, state.scale)  # Eq. 6
+            else:
+                out = torch.addcmul(out, rows, state.scale)
+        if handle.capture and out.requires_grad and not (usable and n < signs.shape[0]):
+            # Eq. 5 happens in backward. Smaller batches never refresh the cache.
+            if torch.compiler.is_compiling():
+                sink = state.sink
+                if sink is None or sink.shape != out.shape or sink.dtype != out.dtype:
+                    sink = _new_sink(state, out)
+                out = out + sink
+            else:  # eager: a hook on the activation costs no extra pass (a sink costs an add and a copy)
+                out.register_hook(functools.partial(_cache_gradient, state, _layout(out)))
         return out
 
 
@@ -198,23 +210,26 @@ def _point_class(cls: type) -> type:
     return type(f"Perturbed{cls.__name__}", (_Point, cls), {"__module__": cls.__module__})
 
 
+def _layout(out: torch.Tensor) -> torch.memory_format:
+    channels_last = out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last and not out.is_contiguous() else torch.contiguous_format
+
+
 @torch.compiler.disable  # runs once per point and shape; a graph break here is outside the steady state
 def _new_sink(state: _State, out: torch.Tensor) -> torch.Tensor:
     sink = out.new_zeros(()).expand(out.shape).detach().requires_grad_()
-    channels_last = out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last)
-    layout = torch.channels_last if channels_last and not out.is_contiguous() else torch.contiguous_format
-    sink.register_post_accumulate_grad_hook(functools.partial(_cache_gradient, state, layout))
+    layout = _layout(out)
+    sink.register_post_accumulate_grad_hook(lambda leaf: _cache_gradient(state, layout, leaf.grad, leaf))
     state.sink = sink
     return sink
 
 
 @torch.no_grad()
-def _cache_gradient(state: _State, layout: torch.memory_format, sink: torch.Tensor) -> None:
-    # Eq. 5, run by autograd once dJ/da has been accumulated into sink.grad.
-    g, sink.grad = sink.grad, None
+def _cache_gradient(state: _State, layout: torch.memory_format, g: torch.Tensor, sink=None) -> None:
+    # Eq. 5, run by autograd during backward with g = dJ/da at this point.
+    if sink is not None:
+        sink.grad = None
     handle = state.handle
-    if handle.grad_scale is not None:  # undo a GradScaler's loss scaling: eps_l uses the true gradient
-        g = g / handle.grad_scale
     if handle.direction == "random":
         signs = torch.empty_like(g, dtype=torch.int8, memory_format=layout).random_(0, 2).mul_(2).sub_(1)
     else:
@@ -222,6 +237,8 @@ def _cache_gradient(state: _State, layout: torch.memory_format, sink: torch.Tens
     if handle.scale == "range":
         lo, hi = torch.aminmax(g)
         scale = (hi - lo).float().mul_(handle.eps)  # eps_l = eps * (M - m), appendix
+        if handle.grad_scale is not None:  # a GradScaler's loss scale: eps_l uses the true gradient
+            scale = scale.div_(handle.grad_scale)
     else:
         scale = torch.full((), handle.eps, device=g.device)
     state.signs, state.scale = signs, scale
