@@ -32,6 +32,13 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
+def model_options(name: str) -> list[str]:
+    """The options `build_model(name, ...)` accepts besides num_classes."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    return [p for p in inspect.signature(MODELS[name]).parameters if p != "num_classes"]
+
+
 def build_model(name: str, num_classes: int = 10, **options) -> nn.Module:
     """Build a registered model.
 
@@ -46,20 +53,16 @@ def build_model(name: str, num_classes: int = 10, **options) -> nn.Module:
     Raises:
         ValueError: unknown name, or an option the builder does not take.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
-    builder = MODELS[name]
-    # Checked against the signature, so a TypeError raised inside a builder is never masked.
-    accepted = [p for p in inspect.signature(builder).parameters if p != "num_classes"]
+    accepted = model_options(name)  # checked first, so a TypeError inside a builder is never masked
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"model {name!r} got unknown option(s) {', '.join(unknown)}; "
                          f"it accepts: {', '.join(accepted)}")
-    return builder(num_classes=num_classes, **options)
+    return MODELS[name](num_classes=num_classes, **options)
 
 
 __all__ = [
-    "MODELS", "build_model", "list_models",
+    "MODELS", "build_model", "list_models", "model_options",
     "Normalize", "cifar10_normalize",
     "mlp_tanh", "cifar_resnet", "resnet20", "resnet56",
     "vgg16_bn", "vgg_pool_depths", "VGG16_POOL_BN_DEPTHS",

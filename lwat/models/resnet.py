@@ -94,11 +94,11 @@ def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3,
     return CifarResNet(depth, num_classes, in_channels, width)
 
 
-def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+def resnet20(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
     """ResNet-20 (n = 3), 0.27M parameters. Args as in `cifar_resnet`."""
-    return cifar_resnet(20, num_classes, in_channels)
+    return cifar_resnet(20, num_classes, in_channels, width)
 
 
-def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+def resnet56(num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> CifarResNet:
     """ResNet-56 (n = 9), 0.85M parameters. Args as in `cifar_resnet`."""
-    return cifar_resnet(56, num_classes, in_channels)
+    return cifar_resnet(56, num_classes, in_channels, width)

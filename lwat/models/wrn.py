@@ -67,7 +67,7 @@ class WideResNet(nn.Module):
         return self.fc(self.head(self.blocks(self.stem(self.normalize(x)))))
 
 
-def wrn(depth: int = 28, widen_factor: int = 10, dropout: float = 0.0, num_classes: int = 10,
+def wrn(depth: int = 28, widen_factor: int = 10, dropout: float | bool = 0.0, num_classes: int = 10,
         in_channels: int = 3) -> WideResNet:
     """WRN-depth-widen_factor: 3 stages of (depth - 4) / 6 blocks of 16k/32k/64k channels.
 
@@ -75,7 +75,7 @@ def wrn(depth: int = 28, widen_factor: int = 10, dropout: float = 0.0, num_class
         depth: 6n + 4 (16, 22, 28, 40, ...).
         widen_factor: k, the channel multiplier.
         dropout: probability between the two convs of each block (0.3 in the WRN paper's
-            "with dropout" rows of Table 7; 0 disables it).
+            "with dropout" rows of Table 7; 0 disables it). True means 0.3, False 0.
         num_classes: outputs of the last Linear.
         in_channels: 3 (RGB) or 1 (grayscale); images in [0, 1].
 
@@ -86,21 +86,23 @@ def wrn(depth: int = 28, widen_factor: int = 10, dropout: float = 0.0, num_class
         raise ValueError(f"wrn: depth must be 6n + 4 with n >= 1, got {depth}")
     if not isinstance(widen_factor, int) or widen_factor < 1:
         raise ValueError(f"wrn: widen_factor must be a positive int, got {widen_factor!r}")
+    if isinstance(dropout, bool):  # the on/off switch shared with vgg16_bn
+        dropout = 0.3 if dropout else 0.0
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"wrn: dropout is a probability in [0, 1), got {dropout!r}")
     return WideResNet(depth, widen_factor, dropout, num_classes, in_channels)
 
 
-def wrn28_10(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> WideResNet:
+def wrn28_10(num_classes: int = 10, in_channels: int = 3, dropout: float | bool = 0.0) -> WideResNet:
     """WRN-28-10, 36.5M parameters. Args as in `wrn`."""
     return wrn(28, 10, dropout, num_classes, in_channels)
 
 
-def wrn40_10(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> WideResNet:
+def wrn40_10(num_classes: int = 10, in_channels: int = 3, dropout: float | bool = 0.0) -> WideResNet:
     """WRN-40-10, 55.8M parameters. Args as in `wrn`."""
     return wrn(40, 10, dropout, num_classes, in_channels)
 
 
-def wrn16_4(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> WideResNet:
+def wrn16_4(num_classes: int = 10, in_channels: int = 3, dropout: float | bool = 0.0) -> WideResNet:
     """WRN-16-4, 2.7M parameters. Args as in `wrn`."""
     return wrn(16, 4, dropout, num_classes, in_channels)

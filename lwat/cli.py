@@ -1,0 +1,134 @@
+"""The `lwat` command: thin wrappers, every subcommand is a library call. Errors in input are one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from lwat.config import ConfigError, TrainConfig
+from lwat.data import DataError
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per TrainConfig field, with its help, unit and default (the dataclass is the one source)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help = f"{f.metadata['help']} (default: {f.default})"
+        base = [h for h in typing.get_args(hints[f.name]) if h is not type(None)] or [hints[f.name]]
+        if base[0] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        else:
+            parser.add_argument(flag, type=base[0], default=argparse.SUPPRESS, help=help,
+                                metavar=f.name.upper())
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """File values (--config), overridden by the flags given on the command line."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
+    return TrainConfig.from_dict({**base, **given})
+
+
+def cmd_train(args) -> int:
+    from lwat.train import CONFIG, train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / CONFIG).is_file():
+            raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG})")
+        cfg = TrainConfig.from_file(run_dir / CONFIG)
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        given = {k: v for k, v in vars(args).items() if k in fields}
+        if set(given) - {"device"} or args.config or args.out:
+            raise ConfigError("--resume continues a run with its saved config; only --device may be given with it")
+        cfg = cfg.replace(**given)
+    else:
+        cfg = config_from_args(args)
+        run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.model}-{cfg.method}-seed{cfg.seed}"
+    result = train(cfg, run_dir, resume=bool(args.resume), progress=args.progress)
+    if result["status"] == "interrupted":
+        print(f"interrupted: checkpoint saved; continue with: lwat train --resume {run_dir}", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2))
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lwat.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, eps_list=args.eps, attack=args.attack, device=args.device,
+                          batch_size=args.batch_size, data_dir=args.data_dir)
+    width = max(len(k) for k in result["accuracy"])
+    print(f"{'eps':>{width}}  accuracy ({args.attack}, pixel units of [0, 1] images)")
+    for eps, acc in result["accuracy"].items():
+        print(f"{eps:>{width}}  {100 * acc:6.2f}%")
+    print(f"written: {result['path']}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lwat.demo import run_demo
+
+    table = run_demo(args.out, epochs=args.epochs, seeds=args.seeds, device=args.device)
+    print(table)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lwat", description="Efficient layerwise adversarial training "
+                                     "(Sankaranarayanan et al., AAAI 2018).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one run (any method of the paper)",
+                       description="Train one run. Flags override values from --config FILE (JSON).")
+    p.add_argument("--config", metavar="FILE", help="JSON file of config keys (the flags' names, with _)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/MODEL-METHOD-seedSEED)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its saved config")
+    p.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
+                   help="progress display (default: auto = a bar on a terminal, lines otherwise)")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="clean and adversarial accuracy of a trained run",
+                       description="Clean accuracy and accuracy under an attack at several eps on the test set; "
+                                   "prints a table and writes eval.json beside the checkpoint.")
+    p.add_argument("run", metavar="RUN_DIR_OR_CKPT")
+    p.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.02, 0.04, 0.06, 0.08, 0.1],
+                   help="attack strengths, pixel units of [0, 1] images (default: the paper's Table 4 values)")
+    p.add_argument("--attack", choices=["fgsm", "pgd"], default="fgsm", help="attack (default: fgsm)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per batch (default: 500)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda (default: auto)")
+    p.add_argument("--data-dir", help="data location, if it moved since training (default: the run's)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="baseline vs lat on the embedded digits data (about a minute on CPU)",
+                       description="Train baseline and lat on scikit-learn's digits, print a comparison "
+                                   "table and write a PNG of the training curves.")
+    p.add_argument("--out", default="runs/demo", help="where the runs and the plot go (default: runs/demo)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs per run (default: 30)")
+    p.add_argument("--seeds", type=int, default=2, help="runs per method (default: 2)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    from lwat.train import TrainingError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, TrainingError, ValueError, FileNotFoundError) as e:
+        print(f"lwat: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

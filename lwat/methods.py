@@ -1,0 +1,99 @@
+"""Training objectives the paper compares, in one registry: baseline, lat, lat-joint, fgsm, fgsm-inter, random.
+
+Each method is a `step(model, handle, x, y, cfg) -> (loss, logits)` that runs its forward pass(es) AND
+backward pass(es), so the parameters' .grad hold the gradient of its objective; the trainer then steps
+the optimizer. `logits` are those of the pass the method trains on (the perturbed one where there is
+one: the paper's Figure 3 reports training error on the perturbed activations). Steps expect the
+parameters' gradients to be zero (or None) when called. `passes` is the number
+of forward+backward passes per step, the cost the paper's Table 4 column "training time" counts.
+
+Joint methods, paper Eq. 3: J = alpha * J(clean) + (1 - alpha) * J(adversarial). For lat-joint the
+cached gradient is that of this joint loss, so range-scaled eps_l is (1 - alpha) times lat's at the
+same eps (signs are unchanged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Method:
+    step: Callable  # (model, handle, x, y, cfg) -> (loss, logits); runs backward itself
+    layerwise: bool  # lwat.attach perturbation points to the model
+    passes: int  # forward+backward passes per step (training time, paper Table 4)
+    direction: str = "gradient"  # of the layerwise perturbation: "gradient" or "random" (control)
+    help: str = ""
+
+
+def plain_step(model, handle, x, y, cfg):
+    """Baseline, and lat (Algorithm 1): the attached points do the work inside the forward pass."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    return loss.detach(), logits.detach()
+
+
+def lat_joint_step(model, handle, x, y, cfg):
+    """Ours-joint: alpha * J(clean) + (1 - alpha) * J(perturbed with the previous batch's signs)."""
+    with handle.paused():  # the clean pass neither perturbs nor touches the cache
+        clean = F.cross_entropy(model(x), y)
+    logits = model(x)
+    loss = cfg.alpha * clean + (1 - cfg.alpha) * F.cross_entropy(logits, y)
+    loss.backward()
+    return loss.detach(), logits.detach()
+
+
+def fgsm_step(model, handle, x, y, cfg):
+    """FGS-orig (Goodfellow et al. 2015, paper Eq. 3): x_adv = clip(x + input_eps * sign(grad_x J), 0, 1)."""
+    x = x.clone().requires_grad_()
+    clean = _clean_term(model, x, y, cfg)
+    x_adv = (x + cfg.input_eps * x.grad.sign()).clamp_(0, 1).detach()
+    return _adversarial_term(model, x_adv, y, cfg, clean)
+
+
+def fgsm_inter_step(model, handle, x, y, cfg):
+    """FGS-inter: the signs of the current batch's own gradients at every point, joint loss."""
+    with handle.paused(capture=True):  # clean pass; its backward caches this batch's signs and eps_l
+        clean = _clean_term(model, x, y, cfg)
+    return _adversarial_term(model, x, y, cfg, clean)  # perturbed with those signs
+
+
+def _clean_term(model, x, y, cfg):
+    # Backward of the unweighted clean loss, so the perturbation it yields does not depend on alpha;
+    # then the parameter gradients (zero before the step) are weighted by alpha.
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(cfg.alpha)
+    return cfg.alpha * loss.detach()
+
+
+def _adversarial_term(model, x, y, cfg, clean):
+    logits = model(x)
+    adv = (1 - cfg.alpha) * F.cross_entropy(logits, y)
+    adv.backward()
+    return clean + adv.detach(), logits.detach()
+
+
+METHODS: dict[str, Method] = {
+    "baseline": Method(plain_step, layerwise=False, passes=1, help="plain training"),
+    "lat": Method(plain_step, layerwise=True, passes=1, help="Ours-orig, Algorithm 1"),
+    "lat-joint": Method(lat_joint_step, layerwise=True, passes=2, help="Ours-joint, alpha-weighted clean + lat"),
+    "fgsm": Method(fgsm_step, layerwise=False, passes=2, help="FGS-orig, input FGSM, joint loss"),
+    "fgsm-inter": Method(fgsm_inter_step, layerwise=True, passes=2,
+                         help="FGS-inter, current batch's signs at every point, joint loss"),
+    "random": Method(plain_step, layerwise=True, passes=1, direction="random",
+                     help="control: random signs with lat's eps_l at the same points"),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,103 @@
+"""Tests of lwat.train: run directory, bit-exact resume after a mid-epoch stop, non-finite loss, signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lwat import methods
+from lwat.config import ConfigError, TrainConfig
+from lwat.train import CHECKPOINT, TrainingError, load_run, read_log, train
+
+# 80 synthetic training images in batches of 16: 5 steps per epoch.
+SMALL = dict(model="vgg16_bn", width=0.125, dropout=True, dataset="synthetic", train_subset=80, batch_size=16,
+             epochs=2, eval_batch_size=128, lr_drop_every=1, crop=True, flip=True)
+
+
+def cfg_for(method, device, **kw):
+    return TrainConfig(**{**SMALL, "method": method, "device": str(device), **kw})
+
+
+def test_run_directory_contents(tmp_path, device):
+    cfg = cfg_for("lat", device)
+    metrics = train(cfg, tmp_path / "run", progress="none")
+    run = tmp_path / "run"
+    assert TrainConfig.from_file(run / "config.json") == cfg
+    log = read_log(run)
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert set(log[0]) >= {"epoch", "lr", "train_loss", "train_acc", "test_acc", "seconds", "images_per_s"}
+    assert log[1]["lr"] == pytest.approx(log[0]["lr"] / 5)  # divided by 5 every lr_drop_every epochs
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    assert metrics["test_acc"] == log[-1]["test_acc"] and metrics["passes_per_step"] == 1
+    ckpt = torch.load(run / CHECKPOINT, weights_only=True)
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "perturbation", "rng", "epoch", "batch"}
+    assert ckpt["epoch"] == 2 and ckpt["perturbation"]["features.1"]["signs"].dtype == torch.int8
+    model, loaded_cfg, meta = load_run(run)
+    assert loaded_cfg == cfg and meta["num_classes"] == 10 and not model.training
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg, run, progress="none")
+
+
+@pytest.mark.parametrize("method", ["lat", "random", "fgsm-inter"])
+def test_resume_mid_epoch_is_bit_exact(method, tmp_path, device):
+    cfg = cfg_for(method, device)
+    train(cfg, tmp_path / "full", progress="none")
+    stopped = train(cfg, tmp_path / "resumed", progress="none", stop_after_steps=7)  # epoch 2, batch 2 of 5
+    assert stopped == {"status": "interrupted", "epoch": 1, "batch": 2, "run_dir": str(tmp_path / "resumed")}
+    train(cfg, tmp_path / "resumed", resume=True, progress="none")
+    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for point, cache in a["perturbation"].items():
+        assert torch.equal(cache["signs"], b["perturbation"][point]["signs"]), point
+    full, resumed = read_log(tmp_path / "full"), read_log(tmp_path / "resumed")
+    for r1, r2 in zip(full, resumed):
+        assert (r1["train_loss"], r1["test_acc"]) == (r2["train_loss"], r2["test_acc"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, device, monkeypatch):
+    calls = []
+    real = methods.METHODS["baseline"]
+
+    def poisoned(model, handle, x, y, cfg):
+        calls.append(1)
+        loss, logits = real.step(model, handle, x, y, cfg)
+        return (loss * float("nan") if len(calls) == 7 else loss), logits
+
+    monkeypatch.setitem(methods.METHODS, "baseline", methods.Method(poisoned, False, 1))
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="non-finite loss .* epoch 2, batch 2.*last good checkpoint"):
+        train(cfg_for("baseline", device), run, progress="none")
+    ckpt = torch.load(run / CHECKPOINT, weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"]) == (1, 0)  # the end of epoch 1, the last good state
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_sigint_saves_and_resume_continues(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lwat", "train", "--model", "mlp_tanh", "--method", "lat", "--dataset", "digits",
+           "--epochs", "500", "--batch-size", "32", "--device", "cpu", "--out", str(run), "--progress", "lines"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().startswith("epoch 1 ")  # training is under way
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "lwat train --resume" in err and "Traceback" not in err
+    first = torch.load(run / CHECKPOINT, weights_only=True)
+    resume = subprocess.Popen([sys.executable, "-m", "lwat", "train", "--resume", str(run), "--progress", "lines"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = resume.stdout.readline()
+    resume.send_signal(signal.SIGTERM)
+    out, err = resume.communicate(timeout=60)
+    assert resume.returncode == 130, err
+    second = torch.load(run / CHECKPOINT, weights_only=True)
+    assert (second["epoch"], second["batch"]) > (first["epoch"], first["batch"])
+    assert line.startswith(f"epoch {first['epoch'] + 1} ")  # it went on from where it stopped
+    time.sleep(0)
