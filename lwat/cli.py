@@ -61,7 +61,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lwat.evaluate import evaluate_run
+    from lwat.train import evaluate_run
 
     result = evaluate_run(args.run, eps_list=args.eps, attack=args.attack, device=args.device,
                           batch_size=args.batch_size, data_dir=args.data_dir)

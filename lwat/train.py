@@ -30,7 +30,7 @@ from tqdm import tqdm
 import lwat
 from lwat.config import ConfigError, TrainConfig
 from lwat.data import LOADERS, Loader, load_dataset
-from lwat.evaluate import accuracy
+from lwat.evaluate import accuracy, robustness
 from lwat.methods import get_method
 from lwat.models import build_model, model_options
 
@@ -227,6 +227,35 @@ def load_run(path, device="cpu"):
     model, handle = build(cfg.replace(method="baseline"), meta["num_classes"], tuple(meta["image_shape"]))
     model.load_state_dict(ckpt["model"])  # attach leaves the keys alone: the plain model takes the weights
     return model.to(device).eval(), cfg, meta
+
+
+def evaluate_run(path, *, eps_list=(0.0, 0.02, 0.04, 0.06, 0.08, 0.1), attack: str = "fgsm", device="auto",
+                 batch_size: int = 500, data_dir=None) -> dict:
+    """Clean and attacked test accuracy of a trained run; written as eval.json beside its checkpoint.
+
+    Args:
+        path: run directory or checkpoint file.
+        eps_list: attack radii, pixel units of [0, 1] images (0 = clean).
+        attack: "fgsm" or "pgd".
+        device: where to evaluate ("auto": CUDA when present).
+        batch_size: images per batch.
+        data_dir: the data's location if it moved since training.
+
+    Returns:
+        {"accuracy": {eps as text: fraction}, "attack", "path" (of eval.json), "run"}.
+    """
+    device = resolve_device(device)
+    model, cfg, _ = load_run(path, device)
+    if data_dir is not None:
+        cfg = cfg.replace(data_dir=str(data_dir))
+    data = load_data(cfg)
+    acc = robustness(model, data.test_x, data.test_y, eps_list, attack=attack, batch_size=batch_size,
+                     progress=sys.stderr.isatty())
+    path = Path(path)
+    out = (path if path.is_dir() else path.parent) / "eval.json"
+    result = {"run": str(path), "attack": attack, "accuracy": {f"{e:g}": a for e, a in acc.items()}}
+    _write_json(out, result)
+    return {**result, "path": str(out)}
 
 
 def _new_sums():

@@ -1,0 +1,91 @@
+"""Tests of the `lwat` command: help matches the config, bad input is one line and exit 2, eval and demo run."""
+
+import dataclasses
+import json
+
+import pytest
+
+from lwat.cli import main, make_parser
+from lwat.config import TrainConfig
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_help_lists_every_config_field_with_default(capsys):
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        assert f"{f.metadata['help']} (default: {f.default})" in text, f.name
+    for flag in ("--out", "--resume", "--config"):
+        assert flag in text
+
+
+SMALL = ["--model", "mlp_tanh", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
+         "--progress", "none"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dataset", "mnist"], "unknown data set 'mnist'"),
+    (["--model", "vgg19"], "unknown model 'vgg19'"),
+    (["--method", "pgd"], "unknown method 'pgd'"),
+    (["--eps", "-1"], "eps must be >= 0"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["--scale", "max"], "unknown scale 'max'"),
+])
+def test_bad_train_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
+    code, out, err = run(capsys, "train", *SMALL, "--out", str(tmp_path / "r"), *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"epochs": 1, "learning_rate": 0.1}, "unknown config key(s): learning_rate"),
+    ({"epochs": "ten"}, "epochs: expected int, got 'ten'"),
+    ([1, 2], "one JSON object"),
+])
+def test_bad_config_file(content, message, capsys, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(content))
+    code, _, err = run(capsys, "train", "--config", str(path), "--out", str(tmp_path / "r"))
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_config_file_then_flags_and_resume_rules(capsys, tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": "mlp_tanh", "dataset": "synthetic", "epochs": 3, "method": "baseline"}))
+    code, out, err = run(capsys, "train", "--config", str(path), "--epochs", "1", "--batch-size", "32",
+                         "--device", "cpu", "--progress", "none", "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    saved = TrainConfig.from_file(tmp_path / "r" / "config.json")
+    assert (saved.epochs, saved.method, saved.model) == (1, "baseline", "mlp_tanh")  # flag beats file
+    assert json.loads(out)["epochs"] == 1
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path / "r"), "--epochs", "5")
+    assert code == 2 and "only --device" in err
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path / "nope"))
+    assert code == 2 and "not a run directory" in err
+
+
+def test_eval_prints_table_and_writes_json(capsys, tmp_path):
+    assert run(capsys, "train", *SMALL, "--out", str(tmp_path / "r"))[0] == 0
+    code, out, err = run(capsys, "eval", str(tmp_path / "r"), "--eps", "0", "0.1", "--device", "cpu")
+    assert code == 0, err
+    result = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert set(result["accuracy"]) == {"0", "0.1"}
+    assert f"{100 * result['accuracy']['0']:6.2f}%" in out
+    code, _, err = run(capsys, "eval", str(tmp_path / "missing"))
+    assert code == 2 and "no run directory or checkpoint" in err
+
+
+def test_demo_end_to_end(capsys, tmp_path):
+    code, out, err = run(capsys, "demo", "--epochs", "2", "--seeds", "1", "--out", str(tmp_path), "--device", "cpu")
+    assert code == 0, err
+    assert "| baseline |" in out and "| lat |" in out
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert out.strip().endswith((tmp_path / "demo.md").read_text().strip())  # after per-epoch lines
