@@ -116,6 +116,8 @@ class Handle:
         for module in self._modules.values():
             module._lwat = _State(self)
             module.__class__ = _point_class(type(module))
+        self.codes = {type(m).forward.__code__ for m in model.modules()}  # what torch.compile may have split
+        self.recompile = None  # set when a sink is made under torch.compile
 
     def detach(self) -> None:
         """Remove every point: the model is exactly the plain model again."""
@@ -215,21 +217,28 @@ def _layout(out: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last and not out.is_contiguous() else torch.contiguous_format
 
 
-@torch.compiler.disable  # runs once per point and shape; a graph break here is outside the steady state
+@torch.compiler.disable  # a graph break, once per point and shape: see _cache_gradient
 def _new_sink(state: _State, out: torch.Tensor) -> torch.Tensor:
     sink = out.new_zeros(()).expand(out.shape).detach().requires_grad_()
     layout = _layout(out)
     sink.register_post_accumulate_grad_hook(lambda leaf: _cache_gradient(state, layout, leaf.grad, leaf))
-    state.sink = sink
+    state.sink = state.handle.recompile = sink
     return sink
 
 
 @torch.no_grad()
 def _cache_gradient(state: _State, layout: torch.memory_format, g: torch.Tensor, sink=None) -> None:
     # Eq. 5, run by autograd during backward with g = dJ/da at this point.
+    handle = state.handle
     if sink is not None:
         sink.grad = None
-    handle = state.handle
+        if handle.recompile is not None:
+            # The compiled forward that made the sinks was split at each point (graph breaks), and dynamo
+            # would keep running those pieces; drop the model's compiled code so the next step compiles
+            # it whole. Runs once, in backward, outside any compiled frame.
+            handle.recompile = None
+            for code in handle.codes:
+                torch._dynamo.reset_code(code)
     if handle.direction == "random":
         signs = torch.empty_like(g, dtype=torch.int8, memory_format=layout).random_(0, 2).mul_(2).sub_(1)
     else:
