@@ -81,6 +81,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from lwat.analysis.runs import analyze
+
+    paths = analyze(args.name, args.runs, out=args.out, device=args.device, limit=args.limit, eps=args.eps,
+                    target=args.target, baseline=args.baseline, classes=args.classes)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lwat", description="Efficient layerwise adversarial training "
                                      "(Sankaranarayanan et al., AAAI 2018).")
@@ -116,6 +126,25 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=2, help="runs per method (default: 2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.set_defaults(func=cmd_demo)
+
+    from lwat.analysis import ANALYSES
+
+    p = sub.add_parser("analyze", help="one of the paper's analyses on trained runs (PNG, CSV, JSON)",
+                       description="strength (Table 1) and tsne (Figure 1) take one run; jacobian (Figure 2), "
+                                   "transfer (Table 2, with --target), depth (Table 6) and curves (Figure 3) "
+                                   "take several.")
+    p.add_argument("name", choices=sorted(ANALYSES))
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="output directory (default: FIRST_RUN/analysis)")
+    p.add_argument("--eps", type=float, nargs="+",
+                   help="eps values (strength, tsne: activation units at the points, and pixel units for the "
+                        "input attacks; transfer: pixel units); default: the paper's")
+    p.add_argument("--limit", type=int, help="use only the first LIMIT test images (default: all)")
+    p.add_argument("--target", help="transfer: the run whose model classifies the attacked images")
+    p.add_argument("--baseline", help="depth: a baseline run, drawn as a horizontal line")
+    p.add_argument("--classes", type=int, nargs=2, default=[0, 1], help="tsne: two class indices (default: 0 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 

@@ -68,8 +68,12 @@ def attach(
     Returns:
         A `Handle`: `.points`, `.state_dict()`, `.load_state_dict()`, `.paused()`, `.detach()`.
     """
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    try:
+        value = float(eps)  # a Python or numpy number, or a 0-dim tensor
+    except (TypeError, ValueError, RuntimeError):
+        value = float("nan")
+    if isinstance(eps, bool) or not 0 <= value < float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
     if direction not in DIRECTIONS:
@@ -88,7 +92,7 @@ def attach(
         if not 1 <= depth <= len(names):
             raise ValueError(f"depth must be in 1..{len(names)} (the number of points), got {depth}")
         names = names[:depth]
-    return Handle(model, [(n, modules[n]) for n in names], float(eps), scale, direction)
+    return Handle(model, [(n, modules[n]) for n in names], value, scale, direction)
 
 
 def default_points(model: nn.Module) -> list[str]:
@@ -239,15 +243,24 @@ def _cache_gradient(state: _State, layout: torch.memory_format, g: torch.Tensor,
             handle.recompile = None
             for code in handle.codes:
                 torch._dynamo.reset_code(code)
+    # Under torch.compile (a sink exists) the sign and range passes run as one compiled kernel too.
+    signs, spread = (_signs_and_range if sink is None else _signs_and_range_compiled)(g)
     if handle.direction == "random":
-        signs = torch.empty_like(g, dtype=torch.int8, memory_format=layout).random_(0, 2).mul_(2).sub_(1)
-    else:
-        signs = torch.sign(g).to(torch.int8, memory_format=layout)
+        signs = torch.empty_like(g, dtype=torch.int8).random_(0, 2).mul_(2).sub_(1)
+    signs = signs.contiguous(memory_format=layout)
     if handle.scale == "range":
-        lo, hi = torch.aminmax(g)
-        scale = (hi - lo).float().mul_(handle.eps)  # eps_l = eps * (M - m), appendix
+        scale = spread.float().mul_(handle.eps)  # eps_l = eps * (M - m), appendix
         if handle.grad_scale is not None:  # a GradScaler's loss scale: eps_l uses the true gradient
             scale = scale.div_(handle.grad_scale)
     else:
         scale = torch.full((), handle.eps, device=g.device)
     state.signs, state.scale = signs, scale
+
+
+def _signs_and_range(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # int8 sign(g) without an fp32 temporary (faster than sign().to(int8) on CPU), and M - m.
+    lo, hi = torch.aminmax(g)
+    return g.gt(0).to(torch.int8) - g.lt(0).to(torch.int8), hi - lo
+
+
+_signs_and_range_compiled = torch.compile(_signs_and_range, dynamic=True)  # compiles on first use only

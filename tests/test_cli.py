@@ -89,3 +89,31 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert "| baseline |" in out and "| lat |" in out
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert out.strip().endswith((tmp_path / "demo.md").read_text().strip())  # after per-epoch lines
+
+
+def test_analyze_every_analysis_on_tiny_runs(capsys, tmp_path):
+    runs = {}
+    for method, extra in (("baseline", []), ("lat", []), ("fgsm", []), ("lat", ["--depth", "1"])):
+        name = method + "".join(extra)
+        code, _, err = run(capsys, "train", *SMALL, "--method", method, *extra, "--out", str(tmp_path / name))
+        assert code == 0, err
+        runs[name] = str(tmp_path / name)
+    base, lat, fgsm, shallow = runs["baseline"], runs["lat"], runs["fgsm"], runs["lat--depth1"]
+    calls = {
+        "strength": [base, "--eps", "0", "0.1"],
+        "tsne": [base, "--eps", "0", "1", "--limit", "128"],
+        "jacobian": [base, lat, fgsm, "--limit", "8"],
+        "transfer": [base, lat, fgsm, "--target", base, "--eps", "0", "0.05"],
+        "depth": [shallow, lat, "--baseline", base],
+        "curves": [base, lat],
+    }
+    for name, argv in calls.items():
+        code, out, err = run(capsys, "analyze", name, *argv, "--out", str(tmp_path / "a"), "--device", "cpu")
+        assert code == 0, (name, err)
+        for ext in ("png", "csv", "json"):
+            assert (tmp_path / "a" / f"{name}.{ext}").stat().st_size > 0
+    rows = json.loads((tmp_path / "a" / "strength.json").read_text())["rows"]
+    clean = [r["accuracy"] for r in rows if r["eps"] == 0]
+    assert len(set(clean)) == 1  # every attack at eps 0 is the clean accuracy
+    code, _, err = run(capsys, "analyze", "strength", base, lat)
+    assert code == 2 and "takes one run" in err

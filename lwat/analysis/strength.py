@@ -1,0 +1,76 @@
+"""Table 1: how adversarial are previous-batch layerwise perturbations compared with FGSM at the input?
+
+For each eps, the accuracy of one trained model on the test set under four perturbations:
+  fgsm        FGSM at the input (Goodfellow et al. 2015), eps in pixel units;
+  layerwise   every perturbation point moved by eps * sign(gradient cached from the previous test batch)
+              (paper Section 3.3), eps in the points' activation units (fixed scale, no (M - m) factor);
+  input_prev  control: the previous batch's gradient signs at the input only, eps in pixel units;
+  random      control: random signs of the same magnitude eps at every point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lwat.analysis import _plot
+from lwat.evaluate import accuracy, layerwise_attack_accuracy
+
+# row key -> legend text
+KINDS = {
+    "fgsm": "FGSM at the input",
+    "layerwise": "previous-batch signs, every point",
+    "input_prev": "previous-batch signs, input only",
+    "random": "random signs, every point",
+}
+
+
+def compute(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Sequence[float] = (0, .05, .1, .15, .2),
+            batch_size: int = 100, *, points: list[str] | None = None, seed: int = 0) -> dict:
+    """Accuracy under each perturbation kind for each eps (paper Table 1).
+
+    Args:
+        model: trained classifier taking images in [0, 1].
+        x, y: test images (uint8 or float in [0, 1]) and labels, fed in this order.
+        eps_list: perturbation strengths (see the module docstring for their units).
+        batch_size: test batch size (the previous-batch cache is one batch).
+        points: perturbation points; default `lwat.default_points(model)`.
+        seed: seeds the random-sign control.
+
+    Returns:
+        {"eps": [float], "accuracy": {kind: [fraction per eps]}, "labels": KINDS}.
+    """
+    acc: dict[str, list[float]] = {k: [] for k in KINDS}
+    for e in map(float, eps_list):
+        common = dict(batch_size=batch_size)
+        acc["fgsm"].append(accuracy(model, x, y, attack="fgsm", eps=e, **common))
+        acc["layerwise"].append(layerwise_attack_accuracy(model, x, y, e, points=points, **common))
+        acc["input_prev"].append(layerwise_attack_accuracy(model, x, y, e, input_only=True, **common))
+        acc["random"].append(layerwise_attack_accuracy(model, x, y, e, points=points, direction="random",
+                                                       seed=seed, **common))
+    return {"eps": [float(e) for e in eps_list], "accuracy": acc, "labels": dict(KINDS)}
+
+
+def to_rows(result: dict) -> list[dict]:
+    """One row per (kind, eps): {"kind", "eps", "accuracy"} with accuracy a fraction."""
+    return [{"kind": k, "eps": e, "accuracy": a}
+            for k, values in result["accuracy"].items() for e, a in zip(result["eps"], values)]
+
+
+def plot(result: dict, path) -> None:
+    """Accuracy (%) against eps, one line per perturbation kind; written as a PNG to `path`."""
+    fig, axes = _plot.figure(panel=(6.0, 4.2))
+    ax = axes[0, 0]
+    labels = result.get("labels", KINDS)
+    styles = ["o-", "s--", "^-.", "v:"]  # distinct markers and dashes: curves may coincide
+    for i, (kind, values) in enumerate(result["accuracy"].items()):
+        ax.plot(result["eps"], [100 * a for a in values], styles[i % len(styles)], label=labels.get(kind, kind))
+    ax.set_xlabel("eps (pixel units at the input, activation units at hidden points)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Previous-batch layerwise perturbations vs FGSM\n(paper Table 1)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _plot.save(fig, path)

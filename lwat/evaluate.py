@@ -1,0 +1,260 @@
+"""Clean, attacked and layerwise-perturbed accuracy of a trained model, and its penultimate features.
+
+Accuracies are fractions in [0, 1]. Images are uint8 (N, C, H, W) in 0..255 or float in [0, 1]; they are
+moved to the model's device one batch at a time, so a whole test set may stay on the CPU. Every function
+runs the model in eval mode and restores each submodule's train/eval flag afterwards.
+
+`layerwise_attack_accuracy` is the test-time experiment of the paper's Section 3.3 (Table 1): the test
+batches are fed in order and every perturbation point of batch t is perturbed with eps * sign of the
+gradient cached from batch t-1 (the same Eq. 5/6 as training, via `lwat.attach(...).evaluating()`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lwat.attacks import _eval_mode, get_attack
+from lwat.perturb import DIRECTIONS, attach
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 500,
+             attack: str | Callable | None = None, eps: float = 0.0, source: nn.Module | None = None,
+             **attack_kwargs) -> float:
+    """Top-1 accuracy on clean or attacked images.
+
+    Args:
+        model: classifier taking images in [0, 1].
+        x: uint8 (N, C, H, W) in 0..255 or float in [0, 1].
+        y: int64 (N,) labels.
+        batch_size: images per forward pass.
+        attack: None (clean), a name in `lwat.attacks.ATTACKS` ("fgsm", "pgd"), or a callable
+            attack(model, images, labels, eps, **kw) -> images.
+        eps: attack radius in pixel units; 0 means clean images (the attack is not run).
+        source: craft the attack on this model instead of `model` (transfer, paper Table 2).
+        **attack_kwargs: passed to the attack (steps, step_size, generator, ...).
+
+    Returns:
+        Fraction of correctly classified images.
+    """
+    attack_fn = get_attack(attack) if isinstance(attack, str) else attack
+    if attack_fn is None and eps != 0:
+        raise ValueError(f"eps={eps} but no attack given; pass attack='fgsm' (or another) or eps=0")
+    use_attack = attack_fn is not None and eps != 0  # a negative eps reaches the attack, which rejects it
+    device = model_device(model)
+    craft_on = model if source is None else source
+    craft_device = model_device(craft_on)
+    correct = 0
+    with _eval_mode(model):
+        for xb, yb in _batches(x, y, batch_size, device):
+            if use_attack:
+                xb = attack_fn(craft_on, xb.to(craft_device), yb.to(craft_device), eps, **attack_kwargs).to(device)
+            with torch.no_grad():
+                correct += (model(xb).argmax(1) == yb).sum().item()
+    return correct / len(y)
+
+
+def robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Sequence[float], *,
+               attack: str = "fgsm", batch_size: int = 500, progress: bool = False) -> dict[float, float]:
+    """Accuracy under one attack for each eps (paper Table 4).
+
+    Args:
+        model: classifier taking images in [0, 1].
+        x, y: images (uint8 or float in [0, 1]) and labels.
+        eps_list: radii in pixel units; 0 gives the clean accuracy.
+        attack: a name in `lwat.attacks.ATTACKS`.
+        batch_size: images per forward pass.
+        progress: show a tqdm bar over eps_list.
+
+    Returns:
+        {eps: accuracy} in the order of eps_list.
+    """
+    get_attack(attack)  # an unknown name fails before any work
+    values = list(eps_list)
+    if progress:
+        from tqdm.auto import tqdm
+        values = tqdm(values, desc=f"{attack} eps", leave=False)
+    return {float(e): accuracy(model, x, y, batch_size=batch_size, attack=attack, eps=float(e)) for e in values}
+
+
+def layerwise_attack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
+                              batch_size: int = 100, direction: str = "gradient", points: list[str] | None = None,
+                              input_only: bool = False, seed: int | None = None) -> float:
+    """Accuracy under the previous-batch layerwise perturbation, a test-time attack (paper Section 3.3, Table 1).
+
+    Test batches go through the model in order. Batch 0 is clean; batch t has eps * r at every point, r the
+    signs of dJ/da cached in the backward pass of batch t-1 (itself perturbed), with the fixed scale
+    eps_l = eps (so eps is in the points' activation units). A smaller last batch uses the first rows.
+
+    Args:
+        model: trained classifier taking images in [0, 1]; evaluated in eval mode, restored exactly after.
+        x, y: images (uint8 or float in [0, 1]) and labels, in the order they are fed.
+        eps: perturbation per point (activation units; pixel units with input_only=True).
+        batch_size: test batch size (the paper's cache is one batch).
+        direction: "gradient" (the attack) or "random" (control: random signs, same eps at every point).
+        points: perturbation points (module names); default `lwat.default_points(model)`.
+        input_only: control: perturb only the images, x_t + eps * sign(grad_x J of batch t-1), clipped to
+            [0, 1]; `points` is then ignored.
+        seed: seeds the random signs of direction="random" (global RNG state restored after).
+
+    Returns:
+        Fraction of correctly classified images.
+    """
+    out = layerwise_attack_outputs(model, x, y, eps, batch_size=batch_size, direction=direction, points=points,
+                                   input_only=input_only, seed=seed)
+    return (out["pred"] == y.cpu()).sum().item() / len(y)
+
+
+def layerwise_attack_outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
+                             batch_size: int = 100, direction: str = "gradient", points: list[str] | None = None,
+                             input_only: bool = False, seed: int | None = None,
+                             features: bool = False) -> dict[str, torch.Tensor | None]:
+    """Predictions (and penultimate features) under the previous-batch layerwise perturbation.
+
+    Same arguments as `layerwise_attack_accuracy`, plus:
+        features: also return the input of the model's last nn.Linear for every image.
+
+    Returns:
+        {"pred": int64 (N,) predicted labels, "features": float (N, F) or None}, on the CPU.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; known: {', '.join(DIRECTIONS)}")
+    device = model_device(model)
+    preds: list[torch.Tensor] = []
+    with _eval_mode(model), _seeded(seed, device), _capture_last_linear_input(model, features) as feats:
+        if input_only:
+            preds = _input_only_pass(model, x, y, eps, batch_size, direction, device)
+        else:
+            handle = attach(model, eps, scale="fixed", points=points, direction=direction)
+            try:
+                with handle.evaluating(), _frozen(model):
+                    for xb, yb in _batches(x, y, batch_size, device):
+                        # Parameters are frozen and the input requires grad, so the graph still reaches every
+                        # point and backward() refreshes their cache (Eq. 5) without touching any parameter
+                        # .grad. (Not autograd.grad(loss, x): it would skip the leaf "sinks" that perturb.py
+                        # uses under torch.compile, silently leaving the cache stale.)
+                        xb.requires_grad_(True)
+                        with torch.enable_grad():
+                            logits = model(xb)
+                            F.cross_entropy(logits, yb).backward()
+                        preds.append(logits.detach().argmax(1).cpu())
+            finally:
+                handle.detach()
+    return {"pred": torch.cat(preds), "features": torch.cat(feats) if features else None}
+
+
+def _input_only_pass(model, x, y, eps, batch_size, direction, device) -> list[torch.Tensor]:
+    # Control of Section 3.3: previous-batch signs at the input layer only; same batch-size rule as perturb.py.
+    preds, signs = [], None
+    for xb, yb in _batches(x, y, batch_size, device):
+        n = len(xb)
+        usable = signs is not None and signs.shape[1:] == xb.shape[1:] and n <= len(signs)
+        if usable:
+            xb = (xb + eps * signs[:n]).clamp_(0, 1)  # pixel units, kept a valid image
+        xb.requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(xb)
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits, yb), xb)
+        if not (usable and n < len(signs)):  # a smaller last batch does not refresh the cache
+            if direction == "random":
+                signs = torch.randint(0, 2, xb.shape, device=device).mul_(2).sub_(1).to(xb.dtype)
+            else:
+                signs = grad.sign()
+        preds.append(logits.detach().argmax(1).cpu())
+    return preds
+
+
+def penultimate_features(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> torch.Tensor:
+    """The input of the model's last nn.Linear (the classifier's features), for t-SNE (paper Figure 1).
+
+    Args:
+        model: classifier with at least one nn.Linear; the last one in `named_modules()` order is used.
+        x: uint8 (N, C, H, W) or float images in [0, 1].
+        batch_size: images per forward pass.
+
+    Returns:
+        float (N, F) features on the CPU.
+    """
+    device = model_device(model)
+    with _eval_mode(model), torch.no_grad(), _capture_last_linear_input(model, True) as feats:
+        for xb, _ in _batches(x, None, batch_size, device):
+            model(xb)
+    return torch.cat(feats)
+
+
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The last nn.Linear of `model` in `named_modules()` order (the classifier); ValueError if none."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer, so no penultimate features")
+    return linears[-1]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _capture_last_linear_input(model: nn.Module, enabled: bool):
+    feats: list[torch.Tensor] = []
+    if not enabled:
+        yield feats
+        return
+    hook = last_linear(model).register_forward_pre_hook(lambda m, args: feats.append(args[0].detach().flatten(1).cpu()))
+    try:
+        yield feats
+    finally:
+        hook.remove()
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    # requires_grad False on every parameter inside; each flag restored after.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    # Seeds the global RNG (perturb.py draws random signs from it) and restores its state after.
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int,
+             device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    # Yields (float images in [0, 1] on device, labels on device) in order; uint8 is divided by 255.
+    if y is not None and len(y) != len(x):
+        raise ValueError(f"{len(x)} images but {len(y)} labels")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if x.dtype == torch.uint8:
+        convert = lambda b: b.to(device).float().div_(255)  # noqa: E731
+    elif torch.is_floating_point(x):
+        if len(x) and (x.min() < 0 or x.max() > 1):
+            raise ValueError("float images must be in [0, 1]; pass uint8 images or divide by 255")
+        convert = lambda b: b.to(device, torch.float32, copy=True)  # noqa: E731
+    else:
+        raise TypeError(f"images must be uint8 or float in [0, 1], got {x.dtype}")
+    for i in range(0, len(x), batch_size):
+        yb = None if y is None else y[i:i + batch_size].to(device, torch.int64)
+        yield convert(x[i:i + batch_size]), yb

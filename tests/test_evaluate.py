@@ -1,0 +1,244 @@
+"""Tests of lwat.evaluate: accuracies against hand-written references, the Section 3.3 previous-batch attack."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lwat
+from lwat.attacks import fgsm
+from lwat.data import synthetic_dataset
+from lwat.evaluate import (accuracy, layerwise_attack_accuracy, layerwise_attack_outputs, penultimate_features,
+                           robustness)
+from lwat.models import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: intra-op threads only add overhead (seconds per test on busy shared cores).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread):
+    """A shrunk toy tanh MLP fitted on 8x8 synthetic data; (model in eval mode, uint8 test images, labels)."""
+    torch.manual_seed(0)
+    ds = synthetic_dataset(n_train=64, n_test=64, size=8, channels=1)
+    model = build_model("mlp_tanh", 10, image_size=8, hidden=(32, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    x = ds.train_x.float() / 255
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x), ds.train_y).backward()
+        opt.step()
+    for p in model.parameters():
+        p.grad = None
+    return model.eval(), ds.test_x, ds.test_y
+
+
+def clean_reference(model, x, y):
+    with torch.no_grad():
+        return (model(x.float() / 255).argmax(1) == y).float().mean().item()
+
+
+def previous_batch_reference(model, x, y, eps, points, batch_size, input_only=False):
+    """Section 3.3 by hand on a plain model: forward hooks add eps * sign(dJ/da of the previous batch) at each
+    point (or at the input), gradients by torch.autograd.grad w.r.t. the activations."""
+    modules = dict(model.named_modules())
+    signs, acts = {}, {}
+
+    def hook(name):
+        def f(module, args, out):
+            if name in signs:
+                out = out + eps * signs[name][:len(out)]
+            acts[name] = out
+            return out
+        return f
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in ([] if input_only else points)]
+    correct, prev_n = 0, None
+    try:
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size].float() / 255, y[i:i + batch_size]
+            if input_only and "input" in signs:
+                xb = (xb + eps * signs["input"][:len(xb)]).clamp(0, 1)
+            xb.requires_grad_(True)
+            logits = model(xb)
+            correct += (logits.argmax(1) == yb).sum().item()
+            names = ["input"] if input_only else points
+            tensors = [xb] if input_only else [acts[n] for n in points]
+            grads = torch.autograd.grad(F.cross_entropy(logits, yb), tensors)
+            if prev_n is None or len(xb) >= prev_n:  # a smaller last batch keeps the cache
+                signs = {n: g.sign() for n, g in zip(names, grads)}
+                prev_n = len(xb)
+    finally:
+        for h in handles:
+            h.remove()
+    return correct / len(y)
+
+
+def test_accuracy_clean_and_input_types(trained, device):
+    model, x, y = trained
+    ref = clean_reference(model, x, y)
+    model = copy.deepcopy(model).to(device)
+    assert accuracy(model, x, y, batch_size=10) == pytest.approx(ref, abs=1e-12)
+    assert accuracy(model, x.float() / 255, y, batch_size=64) == pytest.approx(ref, abs=1e-12)
+    assert accuracy(model, x, y, attack="fgsm", eps=0.0) == pytest.approx(ref, abs=1e-12)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        accuracy(model, x.float(), y)
+    with pytest.raises(ValueError, match="labels"):
+        accuracy(model, x, y[:-1])
+    with pytest.raises(ValueError, match="no attack"):
+        accuracy(model, x, y, eps=0.1)
+
+
+def test_accuracy_under_fgsm_and_robustness(trained):
+    model, x, y = trained
+    xf = x.float() / 255
+    with torch.no_grad():
+        ref = (model(fgsm(model, xf, y, 0.1)).argmax(1) == y).float().mean().item()
+    assert accuracy(model, x, y, attack="fgsm", eps=0.1, batch_size=64) == pytest.approx(ref, abs=1e-12)
+    res = robustness(model, x, y, [0, 0.1, 0.3], batch_size=64, progress=True)
+    assert list(res) == [0.0, 0.1, 0.3]
+    assert res[0.0] == pytest.approx(clean_reference(model, x, y), abs=1e-12)
+    assert res[0.1] == pytest.approx(ref, abs=1e-12)
+    assert res[0.3] < res[0.0]
+    with pytest.raises(ValueError, match="unknown attack"):
+        robustness(model, x, y, [0.1], attack="nope")
+
+
+@pytest.mark.parametrize("batch_size", [16, 24])  # 24: the last batch of 64 is smaller (16)
+def test_layerwise_attack_matches_hand_reference(trained, batch_size):
+    model, x, y = trained
+    points = lwat.default_points(model)
+    assert points == ["layers.1", "layers.3"]
+    for eps in (0.0, 0.3, 2.0):
+        got = layerwise_attack_accuracy(model, x, y, eps, batch_size=batch_size)
+        ref = previous_batch_reference(copy.deepcopy(model), x, y, eps, points, batch_size)
+        assert got == pytest.approx(ref, abs=1e-12), eps
+        got = layerwise_attack_accuracy(model, x, y, eps / 10, batch_size=batch_size, input_only=True)
+        ref = previous_batch_reference(copy.deepcopy(model), x, y, eps / 10, points, batch_size, input_only=True)
+        assert got == pytest.approx(ref, abs=1e-12), eps
+
+
+def test_layerwise_attack_eps0_is_clean_large_eps_hurts_model_restored(trained, device):
+    model, x, y = trained
+    model = copy.deepcopy(model).to(device)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    with torch.no_grad():
+        out_before = model(x.to(device).float() / 255)
+    clean = accuracy(model, x, y)
+    for kwargs in ({}, {"direction": "random", "seed": 0}, {"input_only": True}):
+        assert layerwise_attack_accuracy(model, x, y, 0.0, batch_size=16, **kwargs) == pytest.approx(clean)
+    assert layerwise_attack_accuracy(model, x, y, 3.0, batch_size=16) < clean
+    assert layerwise_attack_accuracy(model, x, y, 0.5, batch_size=16, input_only=True) < clean
+    # The model is exactly the plain eval model again: classes, weights, mode, outputs, no grads.
+    assert [type(m) for m in model.modules()] == classes
+    assert not any(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not hasattr(m, "_lwat") for m in model.modules())
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.to(device).float() / 255), out_before, rtol=0, atol=0)
+    lwat.attach(model, 0.1).detach()  # nothing left attached
+
+
+def test_layerwise_attack_leaves_grads_and_flags(trained):
+    model, x, y = trained
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    model.layers[1].bias.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    layerwise_attack_accuracy(model, x, y, 1.0, batch_size=16)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+
+
+def test_layerwise_attack_on_compiled_model(trained):
+    """Under torch.compile perturb.py reads gradients through leaf sinks; the attack must still refresh them."""
+    model, x, y = trained
+    model = copy.deepcopy(model)
+    eager = layerwise_attack_accuracy(model, x, y, 2.0, batch_size=16)
+    assert eager < accuracy(model, x, y)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")  # no C++ compiler needed
+    try:
+        assert layerwise_attack_accuracy(compiled, x, y, 2.0, batch_size=16) == pytest.approx(eager)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_random_control_same_magnitude(trained):
+    """Both directions add exactly +-eps at every point from the second batch on, nothing on the first."""
+    model, x, y = trained
+    model = copy.deepcopy(model)
+    eps = 0.25
+    for direction in ("gradient", "random"):
+        deltas = {n: [] for n in ("layers.1", "layers.3")}
+        modules = dict(model.named_modules())
+
+        def record(name):
+            def f(module, args, out):  # the point's output minus the plain Linear's output
+                deltas[name].append((out - F.linear(args[0], module.weight, module.bias)).detach())
+            return f
+
+        hooks = [modules[n].register_forward_hook(record(n)) for n in deltas]
+        try:
+            layerwise_attack_accuracy(model, x, y, eps, batch_size=16, direction=direction, seed=3)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, ds in deltas.items():
+            assert len(ds) == 4
+            assert torch.all(ds[0] == 0), name
+            for d in ds[1:]:
+                torch.testing.assert_close(d.abs(), torch.full_like(d, eps), rtol=0, atol=1e-5)
+        if direction == "random":
+            assert torch.mean((deltas["layers.1"][1] > 0).float()).item() == pytest.approx(0.5, abs=0.1)
+
+
+def test_random_control_seeded(trained):
+    model, x, y = trained
+    state = torch.get_rng_state()
+    a = layerwise_attack_outputs(model, x, y, 5.0, batch_size=16, direction="random", seed=1)["pred"]
+    b = layerwise_attack_outputs(model, x, y, 5.0, batch_size=16, direction="random", seed=1)["pred"]
+    assert torch.equal(a, b)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
+    with pytest.raises(ValueError, match="direction"):
+        layerwise_attack_accuracy(model, x, y, 0.1, direction="sideways")
+
+
+def test_penultimate_features(trained, device):
+    model, x, y = trained
+    model = copy.deepcopy(model).to(device)
+    feats = penultimate_features(model, x, batch_size=10)
+    with torch.no_grad():
+        ref = model.layers[:-1](model.normalize(x.to(device).float() / 255)).cpu()
+    assert feats.shape == (64, 16)
+    torch.testing.assert_close(feats, ref, rtol=1e-5, atol=1e-6)
+    out = layerwise_attack_outputs(model, x, y, 0.0, batch_size=16, features=True)
+    torch.testing.assert_close(out["features"], ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        penultimate_features(nn.Sequential(nn.Flatten()), x)
+
+
+def test_conv_bn_model_layerwise(device):
+    """BatchNorm points, eval mode: eps=0 equals clean and running statistics are untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).to(device).eval()
+    ds = synthetic_dataset(n_train=10, n_test=40, size=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    clean = accuracy(model, ds.test_x, ds.test_y)
+    assert layerwise_attack_accuracy(model, ds.test_x, ds.test_y, 0.0, batch_size=8) == pytest.approx(clean)
+    layerwise_attack_accuracy(model, ds.test_x, ds.test_y, 1.0, batch_size=8)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
