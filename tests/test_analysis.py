@@ -15,15 +15,6 @@ from lwat.evaluate import accuracy
 from lwat.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: intra-op threads only add overhead (seconds per test on busy shared cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def fit(model, ds, steps=60, lr=0.2):
     torch.manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=lr)

@@ -20,15 +20,6 @@ def conv_bn_net():
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: intra-op threads only add overhead (seconds per test on busy shared cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained(one_thread):
     """The paper's toy tanh MLP, shrunk, fitted briefly on 8x8 synthetic data: (model, test images, labels)."""

@@ -15,15 +15,6 @@ from lwat.evaluate import (accuracy, layerwise_attack_accuracy, layerwise_attack
 from lwat.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: intra-op threads only add overhead (seconds per test on busy shared cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained(one_thread):
     """A shrunk toy tanh MLP fitted on 8x8 synthetic data; (model in eval mode, uint8 test images, labels)."""
