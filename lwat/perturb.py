@@ -10,14 +10,18 @@ eps_l = eps ("fixed"). Nothing is added to the first batch after `attach`; eval 
 
 How the gradient is read, and why this design (each choice keeps torch.compile correct):
 - A point is the module itself with its class swapped for a subclass whose `forward` adds the
-  perturbation (no hooks: dynamo does not guard on hooks, so a compiled graph of a plain instance
-  would silently be reused for an attached one; it does guard on the class). The module's
+  perturbation (no module hooks: dynamo does not guard on them, so a compiled graph of a plain
+  instance would silently be reused for an attached one; it does guard on the class). The module's
   parameters, buffers and `state_dict()` keys stay exactly those of the plain model.
-- To get dJ/da the output also gets a *sink* added: a zero leaf tensor expanded (stride 0, so it
-  costs 4 bytes) to the activation's shape. Autograd writes dJ/da into `sink.grad`; a
-  post-accumulate-grad hook on that leaf turns it into int8 signs and one scale, then frees it.
-  The hook runs in the eager autograd engine, outside any compiled graph: no graph break, and no
-  mutation of state from inside a compiled backward (which compiled silently wrong).
+- Eager: a tensor hook on the point's output receives dJ/da during backward and turns it into
+  int8 signs and one scale (no extra pass over the activation; Eq. 6 is one in-place addcmul_).
+- Compiled: a hook registered inside a compiled graph would break it, so the output also gets a
+  *sink* added: a zero leaf expanded (stride 0, 4 bytes) to the activation's shape. Autograd writes
+  dJ/da into `sink.grad`, and a post-accumulate-grad hook on that leaf, which runs in the eager
+  autograd engine outside any compiled graph, makes the cache (no state is mutated from inside a
+  compiled backward, which compiled silently wrong). Making a sink is one graph break per point on
+  the first step; the hook then drops the model's split compiled code, so the next step compiles
+  into one graph.
 - The cache between steps is int8 signs (1 byte per activation element, the activation's device
   and memory format) plus one 0-dim scale per point. It is plain attributes of the module
   instance, not parameters or buffers: DDP neither broadcasts nor averages it, so each rank
@@ -254,6 +258,18 @@ def _cache_gradient(state: _State, layout: torch.memory_format, g: torch.Tensor,
             scale = scale.div_(handle.grad_scale)
     else:
         scale = torch.full((), handle.eps, device=g.device)
+    if handle.grad_scale is not None:
+        # Under a GradScaler an fp16 step may overflow: inf/NaN gradients, a step the scaler skips. That gradient
+        # must not poison the cache: where M - m is not finite, keep the previous signs and eps_l (with none of
+        # this shape to keep, eps_l = 0: the next pass is unperturbed). torch.where, so no host sync; it costs
+        # one pass over the int8 signs, paid only with a scaler.
+        finite = torch.isfinite(spread)
+        old = state.signs
+        if old is not None and old.shape == signs.shape and old.device == signs.device:
+            signs = torch.where(finite, signs, old)
+            scale = torch.where(finite, scale, state.scale)
+        else:
+            scale = torch.where(finite, scale, torch.zeros_like(scale))
     state.signs, state.scale = signs, scale
 
 
