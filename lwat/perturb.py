@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -124,8 +125,7 @@ class Handle:
         for module in self._modules.values():
             module._lwat = _State(self)
             module.__class__ = _point_class(type(module))
-        self.codes = {type(m).forward.__code__ for m in model.modules()}  # what torch.compile may have split
-        self.recompile = None  # set when a sink is made under torch.compile
+        self.split_codes = set()  # compiled code split by the first compiled step, reset once (see _new_sink)
 
     def detach(self) -> None:
         """Remove every point: the model is exactly the plain model again."""
@@ -230,7 +230,15 @@ def _new_sink(state: _State, out: torch.Tensor) -> torch.Tensor:
     sink = out.new_zeros(()).expand(out.shape).detach().requires_grad_()
     layout = _layout(out)
     sink.register_post_accumulate_grad_hook(lambda leaf: _cache_gradient(state, layout, leaf.grad, leaf))
-    state.sink = state.handle.recompile = sink
+    state.sink = sink
+    # The compiled frames now running (the model's, or whatever wrapper was compiled) were split here;
+    # remember their original code so the hook can drop them once (dynamo's map of compiled code).
+    frame, codes = inspect.currentframe(), state.handle.split_codes
+    while frame is not None:
+        original = torch._dynamo.utils.orig_code_map.get(frame.f_code)
+        if original is not None:
+            codes.add(original)
+        frame = frame.f_back
     return sink
 
 
@@ -240,13 +248,13 @@ def _cache_gradient(state: _State, layout: torch.memory_format, g: torch.Tensor,
     handle = state.handle
     if sink is not None:
         sink.grad = None
-        if handle.recompile is not None:
+        if handle.split_codes:
             # The compiled forward that made the sinks was split at each point (graph breaks), and dynamo
-            # would keep running those pieces; drop the model's compiled code so the next step compiles
-            # it whole. Runs once, in backward, outside any compiled frame.
-            handle.recompile = None
-            for code in handle.codes:
+            # would keep running those pieces; drop that compiled code so the next step compiles whole.
+            # Runs once, in backward, outside any compiled frame.
+            for code in handle.split_codes | {_Point.forward.__code__}:
                 torch._dynamo.reset_code(code)
+            handle.split_codes.clear()
     # Under torch.compile (a sink exists) the sign and range passes run as one compiled kernel too.
     signs, spread = (_signs_and_range if sink is None else _signs_and_range_compiled)(g)
     if handle.direction == "random":

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lwat
+from torch._dynamo.utils import counters
 
 
 def conv_bn_net():
@@ -364,6 +365,8 @@ def test_compiled_equals_eager(plain_first, device):
     compiled = torch.compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step, (x, y) in enumerate(data):
+        if step == 1:  # from the second step on, the model is one graph: no graph break
+            counters.clear()
         opt.zero_grad()
         out = compiled(x)
         F.cross_entropy(out, y).backward()
@@ -374,9 +377,15 @@ def test_compiled_equals_eager(plain_first, device):
             assert not torch.allclose(compiled_plain(x), out, atol=1e-3)
         for p, v in handle.state_dict().items():
             assert v["signs"].abs().sum() > 0, p
+    assert not counters["graph_break"], dict(counters["graph_break"])
     for p, v in handle.state_dict().items():
         assert torch.equal(v["signs"], eager_handle.state_dict()[p]["signs"])
         torch.testing.assert_close(v["scale"], eager_handle.state_dict()[p]["scale"])
+    with torch.profiler.profile() as prof:  # the forward is one compiled region: the first step's split code is gone
+        out = compiled(data[0][0])
+    F.cross_entropy(out, data[0][1]).backward()
+    regions = [e.name for e in prof.events() if e.name.startswith("Torch-Compiled Region")]
+    assert len(regions) == 1, regions
     handle.detach()  # after detach, the compiled attached instance computes the plain model again
     plain.load_state_dict(model.state_dict())
     torch.testing.assert_close(compiled(data[0][0]), plain(data[0][0]), rtol=1e-5, atol=1e-6)
