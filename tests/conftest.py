@@ -4,6 +4,10 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from lwat.data import synthetic_dataset
+from lwat.models import build_model
 
 
 @pytest.fixture
@@ -18,3 +22,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained_mlp(one_thread):
+    """The paper's toy tanh MLP, shrunk, fitted briefly on 8x8 synthetic data: (eval model, uint8 test images, labels)."""
+    torch.manual_seed(0)
+    ds = synthetic_dataset(n_train=64, n_test=64, size=8, channels=1)
+    model = build_model("mlp_tanh", 10, image_size=8, hidden=(32, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    x = ds.train_x.float() / 255
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x), ds.train_y).backward()
+        opt.step()
+    for p in model.parameters():
+        p.grad = None
+    return model.eval(), ds.test_x, ds.test_y

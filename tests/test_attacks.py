@@ -9,8 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lwat.attacks import ATTACKS, fgsm, get_attack, pgd
-from lwat.data import synthetic_dataset
-from lwat.models import build_model
 
 
 def conv_bn_net():
@@ -21,20 +19,10 @@ def conv_bn_net():
 
 
 @pytest.fixture(scope="module")
-def trained(one_thread):
-    """The paper's toy tanh MLP, shrunk, fitted briefly on 8x8 synthetic data: (model, test images, labels)."""
-    torch.manual_seed(0)
-    ds = synthetic_dataset(n_train=64, n_test=64, size=8, channels=1)
-    model = build_model("mlp_tanh", 10, image_size=8, hidden=(32, 16))
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    x = ds.train_x.float() / 255
-    for _ in range(60):
-        opt.zero_grad()
-        F.cross_entropy(model(x), ds.train_y).backward()
-        opt.step()
-    for p in model.parameters():
-        p.grad = None
-    return model.eval(), ds.test_x.float() / 255, ds.test_y
+def trained(trained_mlp):
+    """The shrunk toy MLP of conftest with float test images in [0, 1]."""
+    model, x, y = trained_mlp
+    return model, x.float() / 255, y
 
 
 def manual_fgsm(model, x, y, eps):

@@ -12,24 +12,11 @@ from lwat.attacks import fgsm
 from lwat.data import synthetic_dataset
 from lwat.evaluate import (accuracy, layerwise_attack_accuracy, layerwise_attack_outputs, penultimate_features,
                            robustness)
-from lwat.models import build_model
 
 
 @pytest.fixture(scope="module")
-def trained(one_thread):
-    """A shrunk toy tanh MLP fitted on 8x8 synthetic data; (model in eval mode, uint8 test images, labels)."""
-    torch.manual_seed(0)
-    ds = synthetic_dataset(n_train=64, n_test=64, size=8, channels=1)
-    model = build_model("mlp_tanh", 10, image_size=8, hidden=(32, 16))
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    x = ds.train_x.float() / 255
-    for _ in range(60):
-        opt.zero_grad()
-        F.cross_entropy(model(x), ds.train_y).backward()
-        opt.step()
-    for p in model.parameters():
-        p.grad = None
-    return model.eval(), ds.test_x, ds.test_y
+def trained(trained_mlp):
+    return trained_mlp
 
 
 def clean_reference(model, x, y):

@@ -23,3 +23,19 @@ def save(fig, path) -> Path:
     path = Path(path)
     fig.savefig(path, format="png", dpi=120)
     return path
+
+
+def accuracy_lines(result: dict, path, *, labels: dict, xlabel: str, ylabel: str, title: str) -> Path:
+    """Accuracy (%) against eps, one line per key of result["accuracy"] (named by `labels`), as a PNG."""
+    fig, axes = figure(panel=(6.0, 4.2))
+    ax = axes[0, 0]
+    styles = ["o-", "s--", "^-.", "v:"]  # distinct markers and dashes: curves may coincide
+    for i, (key, values) in enumerate(result["accuracy"].items()):
+        ax.plot(result["eps"], [100 * a for a in values], styles[i % len(styles)], label=labels.get(key, key))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save(fig, path)

@@ -61,16 +61,7 @@ def to_rows(result: dict) -> list[dict]:
 
 def plot(result: dict, path) -> None:
     """Accuracy (%) against eps, one line per perturbation kind; written as a PNG to `path`."""
-    fig, axes = _plot.figure(panel=(6.0, 4.2))
-    ax = axes[0, 0]
-    labels = result.get("labels", KINDS)
-    styles = ["o-", "s--", "^-.", "v:"]  # distinct markers and dashes: curves may coincide
-    for i, (kind, values) in enumerate(result["accuracy"].items()):
-        ax.plot(result["eps"], [100 * a for a in values], styles[i % len(styles)], label=labels.get(kind, kind))
-    ax.set_xlabel("eps (pixel units at the input, activation units at hidden points)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Previous-batch layerwise perturbations vs FGSM\n(paper Table 1)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _plot.save(fig, path)
+    _plot.accuracy_lines(result, path, labels=result.get("labels", KINDS),
+                         xlabel="eps (pixel units at the input, activation units at hidden points)",
+                         ylabel="test accuracy (%)",
+                         title="Previous-batch layerwise perturbations vs FGSM\n(paper Table 1)")

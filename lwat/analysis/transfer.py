@@ -45,14 +45,6 @@ def to_rows(result: dict) -> list[dict]:
 
 def plot(result: dict, path) -> None:
     """Target accuracy (%) against FGSM eps, one line per source network; written as a PNG to `path`."""
-    fig, axes = _plot.figure(panel=(6.0, 4.2))
-    ax = axes[0, 0]
-    for source, values in result["accuracy"].items():
-        ax.plot(result["eps"], [100 * a for a in values], marker="o", label=f"FGSM crafted on {source}")
-    ax.set_xlabel("FGSM eps (pixel units, images in [0, 1])")
-    ax.set_ylabel("target network accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("FGSM images crafted on each source, classified by the target\n(paper Table 2)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _plot.save(fig, path)
+    _plot.accuracy_lines(result, path, labels={s: f"FGSM crafted on {s}" for s in result["accuracy"]},
+                         xlabel="FGSM eps (pixel units, images in [0, 1])", ylabel="target network accuracy (%)",
+                         title="FGSM images crafted on each source, classified by the target\n(paper Table 2)")
