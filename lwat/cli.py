@@ -91,6 +91,29 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_presets(args) -> int:
+    from lwat.presets import format_presets
+
+    print(format_presets())
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from lwat.reproduce import reproduce
+
+    try:
+        result = reproduce(args.target, scale=args.scale, seeds=args.seeds, data_dir=args.data_dir,
+                           cifar100_dir=args.cifar100_dir, out=args.out, device=args.device, progress=args.progress,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:  # outside a training (which saves and returns by itself): nothing half-written
+        result = {"status": "interrupted"}
+    if result["status"] == "interrupted":
+        print("interrupted: run the same command again to continue", file=sys.stderr)
+        return 130
+    print(result["report"])
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lwat", description="Efficient layerwise adversarial training "
                                      "(Sankaranarayanan et al., AAAI 2018).")
@@ -145,6 +168,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, nargs=2, default=[0, 1], help="tsne: two class indices (default: 0 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.set_defaults(func=cmd_analyze)
+
+    from lwat.presets import PRESETS, SCALES
+
+    p = sub.add_parser("presets", help="list the paper's experiments (presets of lwat reproduce)",
+                       description="Every preset: what it reproduces, its trainings per scale and the estimated "
+                                   "CPU time of one cpu-scale training.")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("reproduce", help="reproduce a table or figure of the paper, writing OUT/REPORT.md",
+                       description="Run (or reuse, or resume) a preset's trainings, then its evaluations and "
+                                   "analyses, then write OUT/REPORT.md: our numbers beside the paper's. Finished "
+                                   "runs under OUT/runs are found by their config and reused.")
+    p.add_argument("target", metavar="TARGET", help=f"a preset ({', '.join(PRESETS)}) or all")
+    p.add_argument("--scale", default="cpu", help=f"{', '.join(SCALES)} (default: cpu)")
+    p.add_argument("--seeds", type=int, help="trainings per row, seeds 0..N-1 (default: the preset's)")
+    p.add_argument("--data-dir", help="CIFAR-10: the official python version (folder or .tar.gz), or an image "
+                                      "folder / archive such as cifar10-jpeg.tar.gz")
+    p.add_argument("--cifar100-dir", help="CIFAR-100, likewise (without it CIFAR-100 rows are not run)")
+    p.add_argument("--out", help="where runs, analyses and REPORT.md go (default: results/SCALE)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
+    p.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
+                   help="training progress display (default: auto)")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

@@ -528,6 +528,8 @@ LOADERS = {
     "digits": lambda data_dir, download, cache_dir: digits_dataset(),
     "folder": _folder,
     "synthetic": lambda data_dir, download, cache_dir: synthetic_dataset(),  # fixed data: `seed` only splits it
+    # a 100-class stand-in with CIFAR-100's label count, for smoke runs of the CIFAR-100 code paths
+    "synthetic100": lambda data_dir, download, cache_dir: synthetic_dataset(num_classes=100, n_train=400, n_test=200),
 }
 
 

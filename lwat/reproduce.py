@@ -1,0 +1,588 @@
+"""`lwat reproduce`: run presets' trainings (reusing or resuming what exists), evaluations and analyses, then write
+OUT/REPORT.md with our numbers beside the paper's.
+
+Layout of OUT (default results/<scale>):
+    runs/<name>-<hash>/   one training: config.json, log.jsonl, metrics.json (lwat.train), eval.json (evaluate_run),
+                          host.json (the machine that finished it), checkpoint.pt and reproduce.lock (git-ignored)
+    analysis/<name>.json  an analysis' rows per seed and the runs they came from; <name>.png its plot
+    REPORT.md             every preset with results here, scale, data, hardware and wall time stated
+
+Reuse is keyed by the resolved config: a training is found by looking for OUT/runs/*/config.json equal to the
+wanted config ignoring `device`, `download` and where the data lies (`data_dir`; of a folder data set only the
+file name counts, so a CIFAR-100 folder is never taken for a CIFAR-10 one). Runs made elsewhere, or in
+directories named otherwise, are reused. A finished run (metrics.json) is reused as is; an unfinished one
+(config.json and checkpoint.pt) is resumed, bit-exact, unless another process looks to be training it; an
+interrupted reproduction continues where it stopped. Tables need only each run's small files; analyses that need
+a model need its checkpoint and say "needs checkpoint, re-run" where it is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lwat.analysis import get_analysis
+from lwat.config import ConfigError, TrainConfig
+from lwat.data import DataError
+from lwat.presets import (
+    PAPER, PRESETS, SCALES, Plan, Results, RunResult, Training, data_identity, data_label, get_preset, resolve_data,
+)
+from lwat.train import TrainingError, evaluate_run, load_data, load_run, read_log, train
+
+CONFIG, LOG, METRICS, CHECKPOINT = "config.json", "log.jsonl", "metrics.json", "checkpoint.pt"
+EVAL, HOST, LOCK, REPORT = "eval.json", "host.json", "reproduce.lock", "REPORT.md"
+IGNORED_IN_KEY = ("device", "download", "data_dir")  # where and how a run ran, not what it computed
+BUSY_SECONDS = 600  # an unfinished run not started by lwat reproduce, written this recently, may be training now
+
+
+def run_key(cfg: TrainConfig) -> str:
+    """What makes two trainings the same: the config as canonical JSON, without IGNORED_IN_KEY, plus the data's
+    identity (`lwat.presets.data_identity`)."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in IGNORED_IN_KEY}
+    values["data"] = data_identity(cfg.dataset, cfg.data_dir)
+    return json.dumps(values, sort_keys=True)
+
+
+def run_hash(cfg: TrainConfig) -> str:
+    """8 hex digits of the run key: the suffix of new run directories."""
+    return hashlib.sha256(run_key(cfg).encode()).hexdigest()[:8]
+
+
+def index_runs(root) -> dict[str, list[Path]]:
+    """{run key: run directories} of every root/*/config.json that reads as a TrainConfig (others are skipped)."""
+    index: dict[str, list[Path]] = {}
+    for path in sorted(Path(root).glob(f"*/{CONFIG}")):
+        try:
+            cfg = TrainConfig.from_file(path)
+        except ConfigError:  # another lwat version's config, or not a run: never ours to reuse
+            continue
+        index.setdefault(run_key(cfg), []).append(path.parent)
+    return index
+
+
+def _state(run: Path) -> str:
+    if (run / METRICS).exists():
+        return "finished"
+    return "unfinished" if (run / CHECKPOINT).exists() else "stale"
+
+
+def find_run(index: dict, training: Training) -> tuple[Path | None, str]:
+    """The best directory holding `training` (its config or an accepted alternative) and its state:
+    "finished", "unfinished" (a checkpoint to resume), "stale" (config only) or "missing"."""
+    rank = {"finished": 0, "unfinished": 1, "stale": 2}
+    found = [d for cfg in (training.config, *training.alternatives) for d in index.get(run_key(cfg), [])]
+    if not found:
+        return None, "missing"
+    best = min(found, key=lambda d: rank[_state(d)])
+    return best, _state(best)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainings
+
+
+class _Busy(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _locked(run: Path):
+    """Hold run/reproduce.lock (flock) while training there; _Busy when another process holds it."""
+    run.mkdir(parents=True, exist_ok=True)
+    f = open(run / LOCK, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise _Busy("another lwat reproduce is training it") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _busy_elsewhere(run: Path) -> str | None:
+    """Why an unfinished run may be in use by a process that is not lwat reproduce (None if it looks idle)."""
+    if (run / LOCK).exists():  # started by lwat reproduce: the lock itself says whether it is in use
+        return None
+    newest = max((p.stat().st_mtime for p in run.iterdir() if p.is_file()), default=0.0)
+    age = time.time() - newest
+    if age < BUSY_SECONDS:
+        return (f"written {age:.0f} s ago by a process other than lwat reproduce (maybe still training); "
+                f"left alone, run again later")
+    return None
+
+
+def host_info(device: str = "cpu") -> dict:
+    """The machine: CPU model, torch threads, GPU name (for a CUDA device), torch version."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": None,
+            "torch": torch.__version__}
+    dev = _device(device)
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def ensure_trained(training: Training, root: Path, index: dict, *, progress: str = "auto") -> tuple[str, Path | None]:
+    """Reuse, resume or run one training under `root` (OUT/runs).
+
+    Returns:
+        (outcome, run directory): outcome is "reused", "trained", "resumed", "interrupted", "no data",
+        "busy: ..." or "failed: ...".
+    """
+    run, state = find_run(index, training)
+    if state == "finished":
+        return "reused", run
+    if not training.available:
+        return "no data", run
+    cfg, resume = training.config, False
+    in_place = state == "unfinished" or (state == "stale" and (run / LOCK).exists())
+    if in_place:
+        reason = _busy_elsewhere(run)
+        if reason:
+            return f"busy: {reason}", run
+    else:  # missing, or stale and maybe another process's (no lock file of ours): a new directory
+        run = root / f"{training.name}-{run_hash(cfg)}"
+        k = 2
+        while (run / CONFIG).exists():
+            run, k = root / f"{training.name}-{run_hash(cfg)}-{k}", k + 1
+    try:
+        with _locked(run):
+            if state == "unfinished":
+                saved = TrainConfig.from_file(run / CONFIG)
+                cfg, resume = saved.replace(device=cfg.device, data_dir=cfg.data_dir), True
+                if saved.data_dir != cfg.data_dir:  # made elsewhere: the same data (same identity) lies here
+                    _write_json(run / CONFIG, saved.replace(data_dir=cfg.data_dir).to_dict())
+            elif in_place:  # ours, killed before its first checkpoint: nothing to keep
+                for name in (CONFIG, LOG):
+                    with contextlib.suppress(FileNotFoundError):
+                        (run / name).unlink()
+            try:
+                result = train(cfg, run, resume=resume, progress=progress)
+            finally:
+                known = index.setdefault(run_key(cfg), [])
+                if run not in known:
+                    known.append(run)
+    except _Busy as e:
+        return f"busy: {e}", run
+    except TrainingError as e:
+        return f"failed: {e}", run
+    if result.get("status") == "interrupted":
+        return "interrupted", run  # the lock file stays: it marks the run as ours, to be resumed at once
+    _write_json(run / HOST, host_info(cfg.device))
+    (run / LOCK).unlink(missing_ok=True)
+    return ("resumed" if resume else "trained"), run
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading what exists
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_result(training: Training, index: dict) -> RunResult:
+    """What is on disk for one planned training (nothing is run)."""
+    run, state = find_run(index, training)
+    if state == "missing":
+        return RunResult(training, "not run yet" if training.available else "not run (no data)")
+    cfg = TrainConfig.from_file(run / CONFIG)
+    log = read_log(run) if (run / LOG).exists() else []
+    result = RunResult(training, state, run, cfg, log=log, has_checkpoint=(run / CHECKPOINT).exists())
+    if state == "finished":
+        result.metrics = _read_json(run / METRICS)
+        result.eval = _read_json(run / EVAL)
+        result.host = _read_json(run / HOST)
+    else:
+        result.status = f"unfinished (epoch {len(log)} of {cfg.epochs})"
+    return result
+
+
+def _with_seed(t: Training, seed: int) -> Training:
+    return Training(t.name.rsplit("-seed", 1)[0] + f"-seed{seed}", t.group, seed, t.config.replace(seed=seed),
+                    t.available, tuple(a.replace(seed=seed) for a in t.alternatives))
+
+
+def collect(plan: Plan, out, index: dict | None = None) -> Results:
+    """The plan's runs and analyses as they are on disk under `out` (nothing is run).
+
+    Each group has one RunResult per planned seed, then one per further seed found finished on disk.
+    """
+    out = Path(out)
+    index = index_runs(out / "runs") if index is None else index
+    runs = {}
+    for group in plan.groups():
+        planned = plan.group(group)
+        results = [run_result(t, index) for t in planned]
+        seed = max(t.seed for t in planned) + 1
+        while (extra := run_result(_with_seed(planned[0], seed), index)).finished:
+            results.append(extra)
+            seed += 1
+        runs[group] = results
+    res = Results(plan, runs, {})
+    for job in plan.analyses:
+        stored = _read_json(out / "analysis" / f"{job.name}.json") or {}
+        seeds, waiting = {}, []
+        for key, inputs in _analysis_inputs(job, res).items():
+            entry = stored.get("seeds", {}).get(key)
+            if inputs is None:  # why: the status of a group that has no finished run
+                waiting += [res.status(g) for g in job.all_groups() if not res.finished(g)] or ["not run yet"]
+            elif entry and entry["runs"] == _ids(inputs) and stored.get("options") == _options(job):
+                seeds[key] = entry["rows"]
+            elif job.needs_model and not all(r.has_checkpoint for r in inputs.values()):
+                waiting.append("needs checkpoint, re-run")
+            else:
+                waiting.append("not run yet")
+        png = out / "analysis" / f"{job.name}.png"
+        status = "done" if seeds else (waiting[0] if waiting else "not run yet")
+        res.analyses[job.name] = {"status": status, "seeds": seeds,
+                                  "png": f"analysis/{png.name}" if seeds and png.exists() else None}
+    return res
+
+
+def _analysis_inputs(job, res: Results) -> dict[str, dict[str, RunResult] | None]:
+    """{seed key: {group: finished RunResult}} of each computation of `job`; None where a run is not finished."""
+    groups = job.all_groups()
+    if job.seeds == "all":
+        runs = {f"{g}#{r.training.seed}": r for g in groups for r in res.finished(g)}
+        return {"all": runs if all(res.finished(g) for g in groups) else None}
+    seeds = [0] if job.seeds == "first" else sorted({r.training.seed for r in res.runs.get(groups[0], [])})
+    out = {}
+    for s in seeds:
+        picked = {g: next((r for r in res.runs.get(g, []) if r.training.seed == s and r.finished), None)
+                  for g in groups}
+        out[str(s)] = picked if all(picked.values()) else None
+    return out
+
+
+def _ids(inputs: dict[str, RunResult]) -> list[str]:
+    return [f"{key}={r.dir.name}" for key, r in inputs.items()]
+
+
+def _options(job) -> dict:
+    return json.loads(json.dumps({**dict(job.options), "limit": job.limit}))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluations and analyses
+
+
+def _evaluate(res: Results, device: str, say: Callable[[str], None]) -> None:
+    for ev in res.plan.evaluations:
+        for r in res.finished(ev.group):
+            done = r.eval or {}
+            if done.get("attack") == ev.attack and all(f"{e:g}" in done.get("accuracy", {}) for e in ev.eps):
+                continue
+            if not r.has_checkpoint:
+                say(f"evaluate {r.dir.name}: needs checkpoint, re-run")
+                continue
+            say(f"evaluate {r.dir.name}: {ev.attack} at eps {', '.join(f'{e:g}' for e in ev.eps)}")
+            data_dir = r.training.config.data_dir if r.training.available else None
+            try:
+                r.eval = evaluate_run(r.dir, eps_list=ev.eps, attack=ev.attack, device=device, data_dir=data_dir)
+            except DataError as e:
+                say(f"evaluate {r.dir.name}: no data ({e})")
+
+
+def _test_data(r: RunResult, cache: dict):
+    cfg = r.config
+    if r.training.available:
+        cfg = cfg.replace(data_dir=r.training.config.data_dir)
+    key = (cfg.dataset, cfg.data_dir, cfg.grayscale)
+    if key not in cache:
+        data = load_data(cfg.replace(train_subset=None, val_size=0))
+        cache[key] = (data.test_x, data.test_y)
+    return cache[key]
+
+
+def _analyze(res: Results, out: Path, device: str, cache: dict, say: Callable[[str], None]) -> None:
+    for job in res.plan.analyses:
+        path = out / "analysis" / f"{job.name}.json"
+        stored = _read_json(path) or {}
+        if stored.get("options") != _options(job):
+            stored = {"analysis": job.kind, "options": _options(job), "seeds": {}}
+        changed = False
+        for key, inputs in _analysis_inputs(job, res).items():
+            if inputs is None:
+                continue
+            entry = stored["seeds"].get(key)
+            if entry and entry["runs"] == _ids(inputs):
+                continue
+            if job.needs_model and not all(r.has_checkpoint for r in inputs.values()):
+                say(f"analysis {job.name} ({key}): needs checkpoint, re-run")
+                continue
+            say(f"analysis {job.name} ({key})")
+            try:
+                result = _compute(job, inputs, device, cache)
+            except DataError as e:
+                say(f"analysis {job.name} ({key}): no data ({e})")
+                continue
+            module = get_analysis(job.kind)
+            stored["seeds"][key] = {"runs": _ids(inputs), "rows": _summary(job.kind, module.to_rows(result))}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if key == min(stored["seeds"], key=_seed_order):  # the plot shows the first seed
+                module.plot(result, path.with_suffix(".png"))
+            changed = True
+        if changed:
+            _write_json(path, stored)
+
+
+def _seed_order(key: str):
+    return (0, int(key)) if key.isdigit() else (1, key)
+
+
+def _compute(job, inputs: dict[str, RunResult], device: str, cache: dict):
+    module = get_analysis(job.kind)
+    opts = dict(job.options)
+    if job.kind == "curves":
+        return module.compute({g: r.log for g, r in inputs.items()})
+    if job.kind == "depth":
+        records = [{"depth": r.config.depth, "label": key.split("#")[0] if key.split("#")[0] != job.baseline
+                    else "baseline", "accuracy": r.metrics["test_acc"]} for key, r in inputs.items()]
+        return module.compute(records)
+    dev = _device(device)
+    first = inputs[job.groups[0]]
+    x, y = _test_data(first, cache)
+    if job.limit is not None:
+        x, y = x[: job.limit], y[: job.limit]
+    models = {g: load_run(r.dir, dev)[0] for g, r in inputs.items()}
+    if job.kind in ("strength", "tsne"):
+        return module.compute(models[job.groups[0]], x, y, **opts)
+    if job.kind == "jacobian":
+        return module.compute({g: models[g] for g in job.groups}, x, **opts)
+    if job.kind == "transfer":
+        return module.compute({g: models[g] for g in job.groups}, models[job.target], x, y, **opts)
+    raise ValueError(f"analysis kind {job.kind!r} has no runner in lwat.reproduce")
+
+
+def _summary(kind: str, rows: list[dict]) -> list[dict]:
+    if kind == "tsne":  # per-image coordinates are in the plot; keep the accuracies
+        seen = {(r["kind"], r["eps"]): {"kind": r["kind"], "eps": r["eps"], "accuracy": r["accuracy"]} for r in rows}
+        return list(seen.values())
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def _train_seconds(runs) -> float:
+    return sum(sum(rec.get("seconds", 0.0) for rec in r.log or []) for r in runs)
+
+
+def _hardware(runs) -> str:
+    counts = Counter()
+    for r in runs:
+        device = (r.metrics or {}).get("device", "?")
+        host = r.host
+        if host is None:
+            counts[f"{device} (machine not recorded)"] += 1
+        elif host.get("gpu"):
+            counts[f"{host['gpu']} (torch {host.get('torch', '?')})"] += 1
+        else:
+            counts[f"CPU {host.get('cpu', '?')}, torch threads {host.get('threads', '?')} "
+                   f"(torch {host.get('torch', '?')})"] += 1
+    return "; ".join(f"{what}: {n} run{'s' * (n != 1)}" for what, n in counts.items()) or "no run finished"
+
+
+def _setup(res: Results) -> list[str]:
+    plan = res.plan
+    if plan.skipped:
+        return [f"- **Not run at {plan.scale} scale:** {plan.skipped}"]
+    cfgs = [t.config for t in plan.trainings]
+    models = ", ".join(dict.fromkeys(f"{c.model} (width {c.width:g})" for c in cfgs))
+    data = []
+    for group, runs in res.runs.items():
+        done = [r for r in runs if r.config is not None]
+        t = runs[0].training
+        label = (data_label(done[0].config.dataset, done[0].config.data_dir) if done
+                 else data_label(t.config.dataset, t.config.data_dir) + ("" if t.available else ": not given"))
+        data.append(label)
+    subsets = ", ".join(dict.fromkeys(f"{c.train_subset:,} (class-balanced subset)" if c.train_subset else "all"
+                                      for c in cfgs))
+    schedule = ", ".join(dict.fromkeys(f"{c.epochs} epochs, batch {c.batch_size}, lr {c.lr:g} / {c.lr_drop_factor:g} "
+                                       f"every {c.lr_drop_every}" for c in cfgs))
+    aug = ", ".join(dict.fromkeys(" + ".join([n for n, on in (("flip", c.flip), ("crop", c.crop)) if on]) or "none"
+                                  for c in cfgs))
+    finished = [r for runs in res.runs.values() for r in runs if r.finished]
+    return [f"- Models: {models}",
+            f"- Data: {', '.join(dict.fromkeys(data))}; training images: {subsets}",
+            f"- Training: {schedule}; augmentation: {aug}; SGD with Nesterov momentum 0.9, weight decay "
+            f"{cfgs[0].weight_decay:g}; layerwise eps {cfgs[0].eps:g} ({cfgs[0].scale} scaling)",
+            f"- Seeds: {plan.seeds} planned per row; {len(finished)} of {len(plan.trainings)} planned trainings "
+            f"finished (rows average every finished seed, n below)",
+            f"- Wall time (the logs' training seconds, evaluation excluded): {_hours(_train_seconds(finished))}; "
+            f"hardware: {_hardware(finished)}"]
+
+
+def render_section(res: Results) -> list[str]:
+    """The report section of one preset: caption, setup, notes, tables with the paper's numbers, claims, plots."""
+    preset = PRESETS[res.plan.preset]
+    lines = [f"## {preset.name}: {preset.title}", "", f"> Paper, {PAPER[preset.name]['caption']}", ""]
+    lines += _setup(res) + [""]
+    lines += [f"Note: {n}" for n in res.plan.notes] + ([""] if res.plan.notes else [])
+    return lines + preset.render(res) + [""]
+
+
+def write_report(out, scale: str, *, targets=(), seeds: int | None = None, data: dict | None = None,
+                 device: str = "auto", command: str | None = None) -> Path:
+    """Write OUT/REPORT.md from what is on disk (nothing is trained or computed).
+
+    Every preset in `targets` gets a section, and so does every other preset with a finished run under `out`.
+
+    Args:
+        out: the reproduction's folder.
+        scale: its scale.
+        targets: preset names that must appear.
+        seeds: seeds planned for the targets (default: the presets' own).
+        data: `lwat.presets.resolve_data(scale, ...)`; default: none given.
+        device: the trainings' device (part of their configs, ignored when matching runs).
+        command: the command line to state.
+
+    Returns:
+        The report's path.
+    """
+    out = Path(out)
+    data = resolve_data(scale) if data is None else data
+    index = index_runs(out / "runs")
+    sections, used = [], {}
+    for name, preset in PRESETS.items():
+        plan = preset.plan(scale, seeds if name in targets else None, data, device)
+        res = collect(plan, out, index)
+        found = [r for runs in res.runs.values() for r in runs if r.dir is not None]
+        if name not in targets and not found:
+            continue
+        sections += render_section(res)
+        for r in found:
+            if r.finished:
+                used[r.dir] = r
+    runs = list(used.values())
+    labels = sorted({data_label(r.config.dataset, r.config.data_dir) for r in runs})
+    lines = ["# Reproduction of Sankaranarayanan et al., \"Regularizing deep networks using efficient layerwise "
+             "adversarial training\" (AAAI 2018)", "",
+             f"- Scale: **{scale}**: {SCALES[scale]}."]
+    if command:
+        lines.append(f"- Command: `{command}`")
+    missing = [f"{s.label.split(' (')[0]} not given: its rows are not run" for s in data.values() if not s.available]
+    lines += [f"- Data: {'; '.join(labels + missing) or 'no run finished yet'}",
+              f"- Finished trainings: {len(runs)}; wall time summed from their logs: {_hours(_train_seconds(runs))}",
+              f"- Hardware: {_hardware(runs)}",
+              "- Our numbers are mean ± sample std over seeds (n = seeds); the paper's are copied from its text. "
+              "Claims are computed from the numbers below, so they may say no.", ""]
+    if scale == "smoke":
+        lines += ["**Smoke scale: the numbers below only show that every step runs; they say nothing about the "
+                  "paper.**", ""]
+    path = out / REPORT
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines + sections).rstrip() + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def reproduce(target: str, *, scale: str = "cpu", seeds: int | None = None, data_dir=None, cifar100_dir=None,
+              out=None, device: str = "auto", progress: str = "auto",
+              log: Callable[[str], None] | None = None) -> dict:
+    """Run (or reuse) the trainings, evaluations and analyses of a preset, then write OUT/REPORT.md.
+
+    Args:
+        target: a preset name (`lwat.presets.PRESETS`) or "all".
+        scale: "smoke", "cpu" or "paper" (`lwat.presets.SCALES`).
+        seeds: trainings per row, seeds 0..seeds-1; default the preset's for this scale.
+        data_dir: CIFAR-10: the official python-version folder or archive, or an image folder / archive (e.g. the
+            JPEG copy cifar10-jpeg.tar.gz). Without it CIFAR-10 trainings are only looked up among finished runs.
+        cifar100_dir: CIFAR-100, likewise; without it its rows say "not run (no data)".
+        out: where runs, analyses and the report go; default results/<scale>.
+        device: "auto", "cpu", "cuda", ... for trainings, evaluations and analyses.
+        progress: train()'s progress display: "auto", "bar", "lines" or "none".
+        log: called with one line per step taken (default: silent).
+
+    Returns:
+        {"status": "finished" or "interrupted", "report": path, "trainings": {run name: outcome}, "out": path};
+        outcomes are "reused", "trained", "resumed", "interrupted", "no data", "busy: ..." or "failed: ...".
+    """
+    say = log or (lambda line: None)
+    names = list(PRESETS) if target == "all" else [get_preset(target).name]
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    out = Path(out) if out is not None else Path("results") / scale
+    data = resolve_data(scale, cifar10=data_dir, cifar100=cifar100_dir)
+    if scale == "smoke" and (data_dir or cifar100_dir):
+        say("smoke scale uses synthetic data: the data paths are ignored")
+    plans = [PRESETS[n].plan(scale, seeds, data, device) for n in names]
+    root = out / "runs"
+    root.mkdir(parents=True, exist_ok=True)
+    index = index_runs(root)
+    todo = {}
+    for t in (t for plan in plans for t in plan.trainings):
+        todo.setdefault(run_key(t.config), t)  # shared by presets: trained once
+    todo = list(todo.values())
+    outcomes, status = {}, "finished"
+    for i, t in enumerate(todo, 1):
+        started = time.perf_counter()
+        outcome, run = ensure_trained(t, root, index, progress=progress)
+        outcomes[t.name] = outcome
+        where = f" ({run.name})" if run is not None else ""
+        spent = f", {time.perf_counter() - started:.0f} s" if outcome in ("trained", "resumed") else ""
+        say(f"[{i}/{len(todo)}] {t.name}: {outcome}{where}{spent}")
+        if outcome == "interrupted":
+            status = "interrupted"
+            break
+    if status == "finished":
+        index = index_runs(root)
+        cache: dict = {}
+        for plan in plans:
+            res = collect(plan, out, index)
+            _evaluate(res, device, say)
+            _analyze(res, out, device, cache, say)
+    command = " ".join([f"lwat reproduce {target} --scale {scale}", *([f"--seeds {seeds}"] if seeds else []),
+                        *(f"--{flag} {data[key].data_dir}" for flag, key in (("data-dir", "cifar10"),
+                                                                             ("cifar100-dir", "cifar100"))
+                          if data[key].available and data[key].data_dir)])
+    report = write_report(out, scale, targets=names, seeds=seeds, data=data, device=device, command=command)
+    say(f"report: {report}")
+    return {"status": status, "report": str(report), "trainings": outcomes, "out": str(out)}

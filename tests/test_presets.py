@@ -1,0 +1,250 @@
+"""Tests of lwat.presets and lwat.reproduce: every preset end to end at smoke scale, reuse, resume, the report."""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+import lwat.reproduce as rep
+from lwat.cli import main
+from lwat.config import TrainConfig
+from lwat.models import VGG16_POOL_BN_DEPTHS
+from lwat.presets import (
+    PAPER, PRESETS, SCALES, DataSource, data_identity, data_label, estimate_cpu_seconds, list_presets, resolve_data,
+    toy_config,
+)
+from lwat.reproduce import find_run, index_runs, reproduce, run_key
+from lwat.train import train
+
+SMOKE = dict(scale="smoke", device="cpu", progress="none")
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory):
+    """One smoke-scale output folder shared by the tests of this file: trainings are made once, then reused."""
+    return tmp_path_factory.mktemp("smoke")
+
+
+def sections(report: str) -> dict[str, str]:
+    return {part.split(":", 1)[0]: part for part in report.split("\n## ")[1:]}
+
+
+# What each section must show: the paper's numbers, copied beside ours.
+PAPER_SNIPPETS = {
+    "table1": ["| FGS [5] | paper | 92.4 | 53.28 | 41.58 | 36.44 | 33.85 |",
+               "| Ours - all layers | paper | 92.4 | 48.56 | 21.72 | 14.76 | 14.19 |"],
+    "table2": ["| 0.1 | 0.03 | 12.47 | 6.05 |", "| 39.5 |", "| 43.3 |"],
+    "table3": ["| CIFAR-100 | resnet56 | Perturbed | n/a |"],
+    "table4": ["| Baseline | paper | 89.4 | 67.5 | 49.6 | 41.2 | 37.3 | 34.7 | X |",
+               "| Ours-joint | paper | 91.5 | 86.07 | 81.38 | 75.72 | 70.25 | 64.76 | 2x |"],
+    "table5": ["| CIFAR-100 | with Dropout | 70.5 |", "| 73.1 |"],
+    "table6": ["| paper | 89.5 | 89.62 | 90.24 | 91.1 | 91.3 | 89.4 |"],
+    "table7": ["| 3.62 ± 0.05 |", "| 17.1 ± 0.1 |"],
+    "figure1": ["![t-SNE"], "figure2": ["![mean singular values"], "figure3": ["![train and test error"],
+}
+
+
+@pytest.mark.parametrize("target", list(PRESETS))
+def test_every_preset_runs_at_smoke_scale_and_reports_beside_the_paper(target, smoke_out):
+    result = reproduce(target, out=smoke_out, **SMOKE)
+    assert result["status"] == "finished"
+    assert result["trainings"] and set(result["trainings"].values()) <= {"trained", "reused"}
+    section = sections(Path(result["report"]).read_text())[target]
+    assert PAPER[target]["caption"] in section
+    for snippet in PAPER_SNIPPETS[target]:
+        assert snippet in section, snippet
+    for missing in ("not run yet", "needs checkpoint", "unfinished", "not measured yet"):
+        assert missing not in section, missing
+    ours = [line for line in section.splitlines() if "ours" in line and line.startswith("|")]
+    assert ours or target.startswith("figure"), "no row of our numbers"
+    assert "**yes**" in section or "**no**" in section  # claims are computed
+    for png in (smoke_out / "analysis").glob("*.png"):
+        assert png.stat().st_size > 1000
+
+
+def test_second_reproduce_reuses_everything(smoke_out, monkeypatch):
+    first = reproduce("all", out=smoke_out, **SMOKE)  # trains whatever the parametrized tests did not
+    report = Path(first["report"]).read_text()
+    assert set(sections(report)) == set(PRESETS)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("nothing may be recomputed")
+
+    monkeypatch.setattr(rep, "train", refuse)
+    monkeypatch.setattr(rep, "evaluate_run", refuse)
+    monkeypatch.setattr(rep, "_compute", refuse)
+    again = reproduce("all", out=smoke_out, **SMOKE)
+    assert set(again["trainings"].values()) == {"reused"}
+    assert len(again["trainings"]) == len(first["trainings"])
+    assert Path(again["report"]).read_text() == report
+    runs = list((smoke_out / "runs").iterdir())
+    assert len(runs) == len(first["trainings"])  # shared trainings (Table 4's baseline in Tables 1, 5, 6) once
+    for run in runs:
+        assert {"config.json", "log.jsonl", "metrics.json", "host.json"} <= {p.name for p in run.iterdir()}
+        assert not (run / "reproduce.lock").exists()
+
+
+def test_report_from_small_files_alone(smoke_out, tmp_path):
+    """Results copied without checkpoints (as committed): tables still render; model analyses ask for a re-run."""
+    reproduce("all", out=smoke_out, **SMOKE)
+    out = tmp_path / "copy"
+    shutil.copytree(smoke_out, out, ignore=shutil.ignore_patterns("checkpoint.pt", "analysis", "eval.json"))
+    result = reproduce("all", out=out, **SMOKE)
+    assert set(result["trainings"].values()) == {"reused"}
+    parts = sections(Path(result["report"]).read_text())
+    assert "needs checkpoint, re-run" in parts["table1"] and "needs checkpoint, re-run" in parts["table4"]
+    assert "needs checkpoint, re-run" not in parts["table5"]  # a table from metrics.json
+    assert "![train and test error" in parts["figure3"]  # curves need only the logs
+
+
+def test_interrupted_reproduction_resumes(tmp_path, monkeypatch):
+    real_train = rep.train
+
+    def interrupted(cfg, out, **kwargs):
+        return real_train(cfg, out, stop_after_steps=2, **kwargs)
+
+    monkeypatch.setattr(rep, "train", interrupted)
+    first = reproduce("figure2", out=tmp_path, **SMOKE)
+    assert first["status"] == "interrupted" and list(first["trainings"].values()) == ["interrupted"]
+    run = next((tmp_path / "runs").iterdir())
+    assert (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()
+    assert "unfinished (epoch 0 of 1)" in Path(first["report"]).read_text()
+    monkeypatch.setattr(rep, "train", real_train)
+    second = reproduce("figure2", out=tmp_path, **SMOKE)
+    assert second["status"] == "finished"
+    assert list(second["trainings"].values()) == ["resumed", "trained", "trained"]
+    assert (run / "metrics.json").exists() and len(list((tmp_path / "runs").iterdir())) == 3
+    assert "![mean singular values" in Path(second["report"]).read_text()
+
+
+def test_runs_made_elsewhere_are_found_by_config_and_left_alone_while_busy(tmp_path):
+    plan = PRESETS["figure2"].plan("smoke", device="cpu")
+    wanted = plan.trainings[0]
+    elsewhere = tmp_path / "runs" / "my-own-name"
+    train(wanted.config.replace(device="auto"), elsewhere, progress="none", stop_after_steps=2)  # not via reproduce
+    index = index_runs(tmp_path / "runs")
+    assert find_run(index, wanted) == (elsewhere, "unfinished")
+    outcome, run = rep.ensure_trained(wanted, tmp_path / "runs", index, progress="none")
+    assert outcome.startswith("busy") and run == elsewhere  # just written by another process: maybe training
+    old = time.time() - 2 * rep.BUSY_SECONDS
+    for p in elsewhere.iterdir():
+        os.utime(p, (old, old))
+    assert rep.ensure_trained(wanted, tmp_path / "runs", index, progress="none") == ("resumed", elsewhere)
+    assert rep.ensure_trained(wanted, tmp_path / "runs", index, progress="none") == ("reused", elsewhere)
+
+
+def test_run_key_ignores_where_and_how_but_not_what():
+    cfg = TrainConfig(model="mlp_tanh", dataset="folder", data_dir="/a/cifar10-jpeg.tar.gz", device="cpu")
+    assert run_key(cfg) == run_key(cfg.replace(data_dir="/elsewhere/cifar10-jpeg.tar.gz", device="cuda",
+                                               download=True))
+    assert run_key(cfg) != run_key(cfg.replace(data_dir="/a/cifar100-jpeg.tar.gz"))  # another data set
+    assert run_key(cfg) != run_key(cfg.replace(seed=1))
+    assert data_identity("folder", "/x/cifar10-jpeg/") == data_identity("folder", "/y/cifar10-jpeg.tar.gz")
+    assert data_identity("cifar10", "/anywhere") == "cifar10"
+
+
+def test_data_sources_and_labels(tmp_path):
+    archive = tmp_path / "cifar10-jpeg.tar.gz"
+    archive.write_bytes(b"")
+    official = tmp_path / "c100"
+    (official / "cifar-100-python").mkdir(parents=True)
+    data = resolve_data("cpu", cifar10=archive, cifar100=official)
+    assert (data["cifar10"].dataset, data["cifar10"].label) == ("folder", "CIFAR-10 (JPEG q75 copy)")
+    assert (data["cifar100"].dataset, data["cifar100"].label) == ("cifar100", "CIFAR-100")
+    assert all(d.available for d in data.values())
+    none = resolve_data("paper")
+    assert not none["cifar100"].available and not none["cifar10"].available
+    assert ("folder", "cifar10-jpeg.tar.gz") in none["cifar10"].alternatives  # a JPEG-copy run is still found
+    assert resolve_data("smoke", cifar10="/ignored")["cifar100"].dataset == "synthetic100"
+    assert data_label("folder", "/d/my_pets.tar") == "image folder my_pets"
+    with pytest.raises(ValueError, match="not found"):
+        resolve_data("cpu", cifar10=tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown scale"):
+        resolve_data("huge")
+
+
+def test_cifar100_rows_say_no_data_without_it(tmp_path):
+    plan = PRESETS["table5"].plan("cpu", data=resolve_data("cpu", cifar10=None))
+    assert all(not t.available for t in plan.trainings)
+    outcome, _ = rep.ensure_trained(plan.trainings[-1], tmp_path, {}, progress="none")
+    assert outcome == "no data"
+    res = rep.collect(plan, tmp_path)
+    assert res.status("cifar100-lat") == "not run (no data)"
+
+
+def test_presets_follow_the_paper_and_the_scales():
+    for name, preset in PRESETS.items():
+        for scale in SCALES:
+            plan = preset.plan(scale)
+            groups = plan.groups()
+            for group in groups:
+                assert [t.seed for t in plan.group(group)] == list(range(plan.seeds)), (name, scale, group)
+            for job in plan.analyses:
+                assert set(job.all_groups()) <= set(groups), (name, job.name)
+            for ev in plan.evaluations:
+                assert ev.group in groups
+            if scale == "cpu" and not plan.skipped:
+                for t in plan.trainings:
+                    minutes = estimate_cpu_seconds(t.config) / 60
+                    limit = 35 if t.config.model == "mlp_tanh" else 15  # the toy keeps the paper's config
+                    assert minutes <= limit, (t.name, minutes)
+            if scale == "paper":
+                for t in plan.trainings:
+                    assert t.config.width == 1.0 and t.config.train_subset is None
+                    if t.config.model in ("vgg16_bn", "resnet20", "resnet56"):
+                        assert t.config.epochs == 300 and t.config.momentum == 0.9 and t.config.lr == 0.1
+                        assert t.config.lr_drop_every == (60 if t.group.startswith("cifar100") else 50)
+    assert PRESETS["table3"].plan("paper").seeds == 5 and PRESETS["table7"].plan("paper").seeds == 5
+    depths = [t.config.depth for t in PRESETS["table6"].plan("cpu").trainings if t.config.method == "lat"]
+    assert sorted(set(depths)) == list(VGG16_POOL_BN_DEPTHS)
+
+
+def test_shared_trainings_have_equal_configs():
+    def config(preset, group, scale="cpu"):
+        return PRESETS[preset].plan(scale).group(group)[0].config
+
+    for scale in SCALES:
+        base = config("table4", "baseline", scale)
+        assert base == config("table1", "baseline", scale) == config("table6", "baseline", scale)
+        assert base == config("table5", "cifar10-baseline", scale) == config("figure1", "baseline", scale)
+        assert config("table4", "lat", scale) == config("table5", "cifar10-lat", scale)
+        assert config("figure3", "cifar10-vgg16_bn-lat", scale) == config("table3", "cifar10-vgg16_bn-lat", scale)
+        assert config("table2", "toy-fgsm", scale) == config("figure2", "toy-fgsm", scale)
+
+
+def test_toy_config_is_the_one_being_trained():
+    """cpu and paper scale share the toy config exactly, so toy runs trained by hand are reused."""
+    folder = DataSource("cifar10", "folder", "/x/cifar10-jpeg.tar.gz", "CIFAR-10 (JPEG q75 copy)", True)
+    for scale in ("cpu", "paper"):
+        for method in ("baseline", "lat", "fgsm"):
+            expected = TrainConfig(model="mlp_tanh", method=method, dataset="folder", data_dir="/d/cifar10-jpeg.tar.gz",
+                                   grayscale=True, crop=False, flip=False, epochs=60, lr=0.01, lr_drop_every=20,
+                                   batch_size=128, eps=10.0, seed=3)
+            assert run_key(toy_config(method, 3, folder, scale=scale, device="cpu")) == run_key(expected)
+
+
+def test_list_presets_and_cli(capsys, smoke_out):
+    rows = {r["name"]: r for r in list_presets()}
+    assert set(rows) == {*PRESETS, "all"}
+    assert rows["table7"]["skipped"].keys() == {"cpu"}
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in PRESETS:
+        assert f"\n{name} " in out
+    code = main(["reproduce", "figure2", "--scale", "smoke", "--out", str(smoke_out), "--device", "cpu",
+                 "--progress", "none"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.strip() == str(smoke_out / "REPORT.md")
+    for argv, message in ((["reproduce", "table9", "--scale", "smoke"], "unknown preset 'table9'"),
+                          (["reproduce", "table1", "--scale", "huge"], "unknown scale 'huge'"),
+                          (["reproduce", "table1", "--seeds", "0"], "seeds must be >= 1")):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_results_gitignore_keeps_checkpoints_out():
+    ignore = (Path(__file__).parent.parent / "results" / ".gitignore").read_text().split()
+    assert {"checkpoint.pt", "*.tmp", "!runs/"} <= set(ignore)
