@@ -1,11 +1,17 @@
-"""Benchmark: training-step time and peak memory of lat (lwat.attach) against the plain step, side by side.
+"""Benchmark: training-step time of baseline, lat and fgsm side by side, eager or compiled, fp32 or bf16.
 
-Plain and attached instances (same weights) take turns, step for step, in one process, so drift in
-machine speed hits both alike; the table gives medians and their ratios. The paper's central claim is
-that the method is nearly free (Table 4, "training time" 1x).
+For each model, batch size, mode (eager / torch.compile) and precision (--amp off / bf16 / fp16), three
+models with the same weights (baseline, lat = lwat.attach, fgsm) and the data loader take turns, step for
+step, in one process, so drift in machine speed hits all alike. Each step is the trainer's own: the method's
+step from lwat.methods with lwat.train.make_passes (autocast, GradScaler for fp16), then SGD. The table gives
+medians, images/s, the ratios lat/baseline and fgsm/baseline (the paper's Table 4 "training time": lat about
+1x, fgsm about 2x), lat's peak-memory ratio, an epoch of CIFAR-10 extrapolated from the median step, and the
+input pipeline's share of a step (a Loader batch: uint8 gather, crop, flip, to float).
 
-    python benchmarks/step_overhead.py                       # ResNet-20 and VGG-16-BN, batch 128, CPU
+    python benchmarks/step_overhead.py              # ResNet-20, VGG-16-BN; batch 128; eager, compiled; fp32, bf16
     python benchmarks/step_overhead.py --device cuda --batch-size 128 512 --steps 50
+    python benchmarks/step_overhead.py --models resnet20 --modes eager --amp off --steps 5   # a quick check
+    python benchmarks/step_overhead.py --compile-backend aot_eager    # compiled without inductor's C++ build
 """
 
 from __future__ import annotations
@@ -16,18 +22,16 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import lwat
+from lwat.config import AMPS, TrainConfig
+from lwat.data import Loader
+from lwat.methods import get_method
 from lwat.models import build_model
+from lwat.train import make_passes
 
-
-def make_step(model, opt, x, y):
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return step
+METHODS = ("baseline", "lat", "fgsm")
+CIFAR_TRAIN = 50_000  # images in a CIFAR-10 training epoch
 
 
 def sync(device):
@@ -59,42 +63,66 @@ def peak_memory(step, device):
     return peak
 
 
-def bench(name, width, batch, device, steps, warmup, compile_, eps, channels_last):
+def make_step(name, model, x, y, cfg, device, amp, backend):
+    """One training step of method `name` as lwat.train runs it: the method's passes, then the optimizer."""
+    method = get_method(name)
+    handle = lwat.attach(model, cfg.eps) if method.layerwise else None
+    if cfg.compile:
+        model.compile(backend=backend)  # in place, after attach, as the trainer does
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    run = make_passes(model, handle, amp=amp, device_type=device.type, scaler=scaler)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        method.step(model, handle, x, y, cfg, run)
+        scaler.step(opt)
+        scaler.update()
+    return step, handle
+
+
+def bench(name, width, batch, device, steps, warmup, compile_, amp, eps, channels_last, backend):
+    torch._dynamo.reset()  # each row compiles afresh (and stays under dynamo's recompile limit)
     torch.manual_seed(0)
     options = {"width": width} if width != 1.0 else {}
-    plain = build_model(name, 10, **options).to(device)
-    attached = copy.deepcopy(plain)
-    handle = lwat.attach(attached, eps)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    plain, attached = plain.to(memory_format=fmt), attached.to(memory_format=fmt)
-    x = torch.rand(batch, 3, 32, 32, device=device).to(memory_format=fmt)
+    base = build_model(name, 10, **options).to(device, memory_format=fmt)
+    cfg = TrainConfig(eps=eps, compile=compile_)
+    x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
-    steps_ = {}
-    for label, model in (("plain", plain), ("lat", attached)):
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-        steps_[label] = make_step(torch.compile(model) if compile_ else model, opt, x, y)
-    times = {label: [] for label in steps_}
+    runs, handles = {}, {}
+    for method in METHODS:
+        runs[method], handles[method] = make_step(method, copy.deepcopy(base), x, y, cfg, device, amp, backend)
+    images = torch.randint(0, 256, (CIFAR_TRAIN, 3, 32, 32), dtype=torch.uint8, device=device)
+    loader = Loader(images, torch.randint(0, 10, (CIFAR_TRAIN,), device=device), batch, train=True, crop=True,
+                    flip=True, channels_last=channels_last)
+    batches = (b for epoch in range(10**9) for b in loader.iter_from(epoch))
+    runs["loader"] = lambda: next(batches)
+    times = {label: [] for label in runs}
     for i in range(warmup + steps):
-        for label, step in steps_.items():  # alternate: plain, lat, plain, lat, ...
+        for label, step in runs.items():  # alternate: baseline, lat, fgsm, loader, baseline, ...
             sync(device)
             t0 = time.perf_counter()
             step()
             sync(device)
             if i >= warmup:
                 times[label].append(time.perf_counter() - t0)
-    memory = {label: peak_memory(step, device) for label, step in steps_.items()}
-    cache = handle.state_dict().values()
+    memory = {label: peak_memory(runs[label], device) for label in ("baseline", "lat")}
+    cache = handles["lat"].state_dict().values()
     cache_bytes = sum(v["signs"].nbytes + v["scale"].nbytes for v in cache)
     elements = sum(v["signs"].numel() for v in cache)
-    median = {label: statistics.median(t) for label, t in times.items()}
+    ms = {label: 1e3 * statistics.median(t) for label, t in times.items()}
+    epoch_steps = CIFAR_TRAIN // batch
     return {
         "model": name + (f" (width {width})" if width != 1.0 else ""), "batch": batch,
-        "mode": "compiled" if compile_ else "eager",
-        "plain ms": 1e3 * median["plain"], "lat ms": 1e3 * median["lat"],
-        "time ratio": median["lat"] / median["plain"],
-        "plain MiB": memory["plain"] / 2**20, "lat MiB": memory["lat"] / 2**20,
-        "memory ratio": memory["lat"] / max(memory["plain"], 1),
+        "mode": f"compiled ({backend})" if compile_ else "eager", "amp": amp,
+        **{f"{m} ms": ms[m] for m in METHODS},
+        **{f"{m} img/s": 1e3 * batch / ms[m] for m in METHODS},
+        "lat/baseline": ms["lat"] / ms["baseline"], "fgsm/baseline": ms["fgsm"] / ms["baseline"],
+        "lat/baseline memory": memory["lat"] / max(memory["baseline"], 1),
         "cache B/elem": cache_bytes / elements,
+        "epoch s (baseline / lat / fgsm)": " / ".join(f"{ms[m] * epoch_steps / 1e3:.1f}" for m in METHODS),
+        "loader share": f"{100 * ms['loader'] / (ms['loader'] + ms['baseline']):.1f}%",
     }
 
 
@@ -102,26 +130,34 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet20", "vgg16_bn"])
     parser.add_argument("--vgg-width", type=float, default=1.0, help="width multiplier of vgg16_bn")
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[128])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[128], help="e.g. 128 512")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps first (compilation: step 1 makes lat's sinks, step 2 compiles whole)")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=AMPS, help="precisions to compare")
     parser.add_argument("--eps", type=float, default=10.0, help="range-scaled eps (the cost does not depend on it)")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled mode")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = []
     for name in args.models:
         for batch in args.batch_size:
             for mode in args.modes:
-                width = args.vgg_width if name.startswith("vgg") else 1.0
-                rows.append(bench(name, width, batch, device, args.steps, args.warmup,
-                                  mode == "compiled", args.eps, args.channels_last))
-                print_table(rows[-1:], header=len(rows) == 1)
-    hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{hardware}, torch {torch.__version__}, median of {args.steps} alternating steps "
-          f"after {args.warmup} warm-up; memory: peak bytes allocated during one step")
+                for amp in args.amp:
+                    width = args.vgg_width if name.startswith("vgg") else 1.0
+                    rows.append(bench(name, width, batch, device, args.steps, args.warmup, mode == "compiled",
+                                      amp, args.eps, args.channels_last, args.compile_backend))
+                    print_table(rows[-1:], header=len(rows) == 1)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{hardware}, torch {torch.__version__}, median of {args.steps} alternating steps after {args.warmup} "
+          f"warm-up{', channels-last' if args.channels_last else ''}. A step: the method's forward and backward "
+          "passes and SGD. memory: peak bytes allocated during one step. epoch s: extrapolated (median step x "
+          f"{CIFAR_TRAIN} // batch steps of CIFAR-10; no input pipeline, no test pass), not timed. loader share: "
+          "a Loader batch (uint8 gather, crop, flip, to float) / (that + the baseline step).")
 
 
 def print_table(rows, header):
@@ -130,8 +166,9 @@ def print_table(rows, header):
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
     for row in rows:
-        print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()) + " |",
-              flush=True)
+        cells = [f"{v:.0f}" if k.endswith("img/s") else f"{v:.2f}" if isinstance(v, float) else str(v)
+                 for k, v in row.items()]
+        print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

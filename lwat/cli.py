@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -55,8 +56,9 @@ def cmd_train(args) -> int:
     if result["status"] == "interrupted":
         print(f"interrupted: checkpoint saved; continue with: lwat train --resume {run_dir}", file=sys.stderr)
         return 130
-    print(json.dumps(result, indent=2))
-    print(f"run directory: {run_dir}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one report
+        print(json.dumps(result, indent=2))
+        print(f"run directory: {run_dir}", file=sys.stderr)
     return 0
 
 

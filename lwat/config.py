@@ -8,6 +8,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+AMPS = ("off", "bf16", "fp16")  # --amp values: fp32, bfloat16 autocast, float16 autocast with loss scaling
+
 
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names it."""
@@ -37,7 +39,8 @@ class TrainConfig:
     flip: bool = _f(True, "random horizontal flip (the paper's Table 3 uses flips; Tables 4-6 none)")
     # optimization: SGD with Nesterov momentum 0.9, as in the paper
     epochs: int = _f(30, "training epochs (paper: 300)")
-    batch_size: int = _f(128, "images per step")
+    batch_size: int = _f(128, "images per step and per process; under torchrun the global batch is "
+                              "batch_size x WORLD_SIZE (lr is not rescaled)")
     lr: float = _f(0.1, "base learning rate (paper: 0.1)")
     lr_drop_every: int = _f(50, "epochs between learning-rate drops (paper: 50 on CIFAR-10, 60 on CIFAR-100)")
     lr_drop_factor: float = _f(5.0, "the learning rate is divided by this at each drop (paper: 5)")
@@ -55,6 +58,10 @@ class TrainConfig:
     seed: int = _f(0, "seeds weights, data order and augmentation")
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     channels_last: bool = _f(False, "channels-last memory format for images and model")
+    amp: str = _f("off", "mixed precision (autocast) of forward passes and losses: off, bf16, or fp16 with a "
+                         "GradScaler; the perturbation always uses the unscaled gradient")
+    compile: bool = _f(False, "torch.compile the model: the first step makes lwat's gradient sinks (one graph "
+                              "break per point), later steps run one compiled graph")
     eval_batch_size: int = _f(500, "images per step when measuring test accuracy")
 
     def __post_init__(self):
@@ -75,6 +82,8 @@ class TrainConfig:
         for name in ("eps", "input_eps", "lr", "weight_decay", "momentum"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.amp not in AMPS:
+            raise ConfigError(f"amp: unknown value {self.amp!r}; known: {', '.join(AMPS)}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.lr_drop_factor <= 0 or self.width <= 0:

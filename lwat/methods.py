@@ -1,8 +1,11 @@
 """Training objectives the paper compares, in one registry: baseline, lat, lat-joint, fgsm, fgsm-inter, random.
 
-Each method is a `step(model, handle, x, y, cfg) -> (loss, logits)` that runs its forward pass(es) AND
+Each method is a `step(model, handle, x, y, cfg, run) -> (loss, logits)` that runs its forward pass(es) AND
 backward pass(es), so the parameters' .grad hold the gradient of its objective; the trainer then steps
-the optimizer. `logits` are those of the pass the method trains on (the perturbed one where there is
+the optimizer. `run` (a `Passes`, made by the trainer) says how passes run: forward passes and their losses go
+inside `with run.forward():` (autocast under mixed precision), and `run.backward(loss)` replaces
+`loss.backward()` (loss scaling, the perturbation cache's bookkeeping). A method never sees the precision, the
+scaler or DDP. `logits` are those of the pass the method trains on (the perturbed one where there is
 one: the paper's Figure 3 reports training error on the perturbed activations). Steps expect the
 parameters' gradients to be zero (or None) when called. `passes` is the number
 of forward+backward passes per step, the cost the paper's Table 4 column "training time" counts.
@@ -14,6 +17,7 @@ same eps (signs are unchanged).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,63 +25,90 @@ import torch
 import torch.nn.functional as F
 
 
+def _no_context(sync: bool = True):
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Passes:
+    """How a step runs its passes; `lwat.train.make_passes` makes the trainer's. The default is plain fp32.
+
+    forward(sync=True): context manager for forward passes and their losses, never around backward (autocast
+        under --amp). sync=False marks a pass whose backward is not the step's last: under DDP that backward
+        skips the gradient all-reduce and the step's last backward all-reduces the sum.
+    backward(loss): runs backward of `loss` (scaled by the GradScaler under --amp fp16).
+    """
+
+    forward: Callable[..., contextlib.AbstractContextManager] = _no_context
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+
+
+PLAIN = Passes()
+
+
 @dataclass(frozen=True)
 class Method:
-    step: Callable  # (model, handle, x, y, cfg) -> (loss, logits); runs backward itself
+    step: Callable  # (model, handle, x, y, cfg, run) -> (loss, logits); runs backward itself via run
     layerwise: bool  # lwat.attach perturbation points to the model
     passes: int  # forward+backward passes per step (training time, paper Table 4)
     direction: str = "gradient"  # of the layerwise perturbation: "gradient" or "random" (control)
     help: str = ""
 
 
-def plain_step(model, handle, x, y, cfg):
+def plain_step(model, handle, x, y, cfg, run=PLAIN):
     """Baseline, and lat (Algorithm 1): the attached points do the work inside the forward pass."""
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
-    loss.backward()
+    with run.forward():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    run.backward(loss)
     return loss.detach(), logits.detach()
 
 
-def lat_joint_step(model, handle, x, y, cfg):
+def lat_joint_step(model, handle, x, y, cfg, run=PLAIN):
     """Ours-joint: alpha * J(clean) + (1 - alpha) * J(perturbed with the previous batch's signs)."""
-    with handle.paused():  # the clean pass neither perturbs nor touches the cache
-        clean = F.cross_entropy(model(x), y)
-    logits = model(x)
-    loss = cfg.alpha * clean + (1 - cfg.alpha) * F.cross_entropy(logits, y)
-    loss.backward()
+    with run.forward():
+        with handle.paused():  # the clean pass neither perturbs nor touches the cache
+            clean = F.cross_entropy(model(x), y)
+        logits = model(x)
+        loss = cfg.alpha * clean + (1 - cfg.alpha) * F.cross_entropy(logits, y)
+    run.backward(loss)
     return loss.detach(), logits.detach()
 
 
-def fgsm_step(model, handle, x, y, cfg):
+def fgsm_step(model, handle, x, y, cfg, run=PLAIN):
     """FGS-orig (Goodfellow et al. 2015, paper Eq. 3): x_adv = clip(x + input_eps * sign(grad_x J), 0, 1)."""
     x = x.clone().requires_grad_()
-    clean = _clean_term(model, x, y, cfg)
-    x_adv = (x + cfg.input_eps * x.grad.sign()).clamp_(0, 1).detach()
-    return _adversarial_term(model, x_adv, y, cfg, clean)
+    clean = _clean_term(model, x, y, cfg, run)
+    direction = x.grad.sign().nan_to_num_(0)  # NaN only where an fp16 backward overflowed: a step the scaler skips
+    x_adv = (x + cfg.input_eps * direction).clamp_(0, 1).detach()
+    return _adversarial_term(model, x_adv, y, cfg, run, clean)
 
 
-def fgsm_inter_step(model, handle, x, y, cfg):
+def fgsm_inter_step(model, handle, x, y, cfg, run=PLAIN):
     """FGS-inter: the signs of the current batch's own gradients at every point, joint loss."""
     with handle.paused(capture=True):  # clean pass; its backward caches this batch's signs and eps_l
-        clean = _clean_term(model, x, y, cfg)
-    return _adversarial_term(model, x, y, cfg, clean)  # perturbed with those signs
+        clean = _clean_term(model, x, y, cfg, run)
+    return _adversarial_term(model, x, y, cfg, run, clean)  # perturbed with those signs
 
 
-def _clean_term(model, x, y, cfg):
+def _clean_term(model, x, y, cfg, run):
     # Backward of the unweighted clean loss, so the perturbation it yields does not depend on alpha;
-    # then the parameter gradients (zero before the step) are weighted by alpha.
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
+    # then the parameter gradients (zero before the step) are weighted by alpha. Not the step's last
+    # backward: under DDP the adversarial term's backward all-reduces the sum of both.
+    with run.forward(sync=False):
+        loss = F.cross_entropy(model(x), y)
+    run.backward(loss)
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_(cfg.alpha)
     return cfg.alpha * loss.detach()
 
 
-def _adversarial_term(model, x, y, cfg, clean):
-    logits = model(x)
-    adv = (1 - cfg.alpha) * F.cross_entropy(logits, y)
-    adv.backward()
+def _adversarial_term(model, x, y, cfg, run, clean):
+    with run.forward():
+        logits = model(x)
+        adv = (1 - cfg.alpha) * F.cross_entropy(logits, y)
+    run.backward(adv)
     return clean + adv.detach(), logits.detach()
 
 

@@ -284,7 +284,7 @@ def _cache_gradient(state: _State, layout: torch.memory_format, g: torch.Tensor,
 def _signs_and_range(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # int8 sign(g) without an fp32 temporary (faster than sign().to(int8) on CPU), and M - m.
     lo, hi = torch.aminmax(g)
-    return g.gt(0).to(torch.int8) - g.lt(0).to(torch.int8), hi - lo
+    return g.gt(0).to(torch.int8) - g.lt(0).to(torch.int8), hi.float() - lo.float()  # fp32: an fp16 range can overflow
 
 
 _signs_and_range_compiled = torch.compile(_signs_and_range, dynamic=True)  # compiles on first use only

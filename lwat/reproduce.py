@@ -42,7 +42,8 @@ from lwat.train import TrainingError, evaluate_run, load_data, load_run, read_lo
 
 CONFIG, LOG, METRICS, CHECKPOINT = "config.json", "log.jsonl", "metrics.json", "checkpoint.pt"
 EVAL, HOST, LOCK, REPORT = "eval.json", "host.json", "reproduce.lock", "REPORT.md"
-IGNORED_IN_KEY = ("device", "download", "data_dir")  # where and how a run ran, not what it computed
+# where and how a run ran, not what it computed (compile and channels_last change speed, not the math)
+IGNORED_IN_KEY = ("device", "download", "data_dir", "compile", "channels_last")
 BUSY_SECONDS = 600  # an unfinished run not started by lwat reproduce, written this recently, may be training now
 
 

@@ -5,15 +5,19 @@ A run directory holds
     log.jsonl        one line per epoch: train loss/accuracy (on the perturbed activations), test (and val)
                      accuracy, lr, seconds, images/s
     metrics.json     the final metrics, written when the run completes
-    checkpoint.pt    model, optimizer, scheduler, perturbation cache, RNG states, epoch and batch; written
-                     atomically at every epoch end and on SIGINT/SIGTERM (at the next step boundary)
+    checkpoint.pt    model, optimizer, scheduler, GradScaler, perturbation cache, RNG states, epoch and batch
+                     (under torchrun also every rank's cache and RNG state); written atomically at every epoch end
+                     and on SIGINT/SIGTERM (at the next step boundary)
 The loop knows nothing about methods beyond `lwat.methods.Method`: what is perturbed happens in the model
-(lwat.attach) and in the method's step.
+(lwat.attach) and in the method's step, which runs its passes through the `Passes` the loop gives it (autocast,
+loss scaling, DDP). Scale: --amp bf16/fp16, --channels-last, --compile, and torchrun for several processes
+(`torchrun --nproc_per_node N -m lwat train ...`; across nodes add torchrun's --nnodes/--rdzv-* flags).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -24,17 +28,21 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import lwat
 from lwat.config import ConfigError, TrainConfig
 from lwat.data import LOADERS, Loader, load_dataset
 from lwat.evaluate import accuracy, robustness
-from lwat.methods import get_method
+from lwat.methods import Passes, get_method
 from lwat.models import build_model, model_options
 
 CONFIG, LOG, METRICS, CHECKPOINT = "config.json", "log.jsonl", "metrics.json", "checkpoint.pt"
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # TrainConfig.amp -> autocast dtype
 
 
 class TrainingError(RuntimeError):
@@ -77,9 +85,55 @@ def load_data(cfg: TrainConfig):
                         train_subset=cfg.train_subset, val_size=cfg.val_size, seed=cfg.seed)
 
 
+def make_passes(model, handle=None, *, amp: str = "off", device_type: str = "cpu", scaler=None) -> Passes:
+    """The forward context and backward a method's step runs its passes with (`lwat.methods.Passes`).
+
+    Args:
+        model: what the step calls: the model, or its DistributedDataParallel wrapper (then a pass marked
+            forward(sync=False) skips the gradient all-reduce, left to the step's last backward).
+        handle: the model's lwat handle, or None. With an enabled scaler its grad_scale is set to the loss
+            scale before each backward, so the cache's eps_l comes from the unscaled gradient.
+        amp: "off", "bf16" or "fp16": the autocast dtype of forward passes and losses (never of backward).
+        device_type: "cpu" or "cuda" (autocast's device).
+        scaler: a torch.amp.GradScaler (enabled for fp16), or None.
+
+    Returns:
+        A `Passes`.
+    """
+    dtype = AMP_DTYPES[amp]
+    ddp = isinstance(model, DistributedDataParallel)
+
+    @contextlib.contextmanager
+    def forward(sync: bool = True):
+        with contextlib.ExitStack() as stack:
+            if dtype is not None:
+                stack.enter_context(torch.autocast(device_type, dtype))
+            if ddp and not sync:  # DDP decides in forward whether this pass's backward all-reduces
+                stack.enter_context(model.no_sync())
+            yield
+
+    def backward(loss: torch.Tensor) -> None:
+        if scaler is None or not scaler.is_enabled():
+            loss.backward()
+            return
+        if handle is not None:
+            handle.grad_scale = scaler.scale(loss.new_ones(()))  # the loss scale, as a tensor: no host sync
+        scaler.scale(loss).backward()
+
+    return Passes(forward, backward)
+
+
 def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto",
           stop_after_steps: int | None = None) -> dict:
-    """Train (or continue training) one run.
+    """Train (or continue training) one run, in this process or, under torchrun, in all of them (DDP).
+
+    Under torchrun (WORLD_SIZE > 1 in the environment, or a process group initialized already) every process
+    trains a DistributedDataParallel replica: gloo on CPU, nccl on CUDA with device cuda:LOCAL_RANK. Each global
+    batch of the loader (batch_size x WORLD_SIZE images, deterministic from seed and epoch) is split in rank
+    order, batch_size images per process. Each process keeps its own perturbation cache from its own previous
+    batch (never broadcast, as in the paper); the checkpoint holds every rank's cache and RNG state, so a resume
+    with the same number of processes is exact. Rank 0 alone writes the run directory; on resume every rank
+    reads it (across nodes: a file system all nodes share).
 
     Args:
         cfg: the configuration (with resume=True it must equal the run's saved config).
@@ -89,7 +143,8 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto"
         stop_after_steps: behave as if interrupted after this many steps of this call (for tests).
 
     Returns:
-        The final metrics (also in metrics.json), or {"status": "interrupted", ...} when stopped early.
+        The final metrics (also in metrics.json), or {"status": "interrupted", ...} when stopped early;
+        the same on every rank.
     """
     out = Path(out)
     method = get_method(cfg.method)
@@ -104,57 +159,94 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto"
             raise ConfigError(f"{out}: no {CHECKPOINT} to resume from")
     elif (out / CONFIG).exists():
         raise ConfigError(f"{out} already holds a run; use --resume {out} or another --out")
-    device = resolve_device(cfg.device)
+    with _process_group(cfg.device) as (rank, world, device):
+        # In a function of its own, so the DDP wrapper is gone before the process group is destroyed.
+        return _train(cfg, out, method=method, resume=resume, progress=progress, stop_after_steps=stop_after_steps,
+                      rank=rank, world=world, device=device)
+
+
+def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world, device) -> dict:
     data = load_data(cfg).to(device)
     torch.manual_seed(cfg.seed)
-    model, handle = build(cfg, data.num_classes, data.image_shape)
+    model, handle = build(cfg, data.num_classes, data.image_shape)  # the same weights on every rank
+    if world > 1:  # each rank its own dropout masks and random signs
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
+    if cfg.compile:
+        model.compile()  # in place: the attached root module itself, so lwat can drop its split first-step code
+    stepped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model  # attached before wrapping: the caches are plain attributes, never broadcast
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
                           weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_drop_every, gamma=1 / cfg.lr_drop_factor)
-    loader = Loader(data.train_x, data.train_y, cfg.batch_size, train=True, crop=cfg.crop, flip=cfg.flip,
-                    seed=cfg.seed, channels_last=cfg.channels_last)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    run = make_passes(stepped, handle, amp=cfg.amp, device_type=device.type, scaler=scaler)
+    loader = Loader(data.train_x, data.train_y, cfg.batch_size * world, train=True, crop=cfg.crop,
+                    flip=cfg.flip, seed=cfg.seed, channels_last=cfg.channels_last)
+    # Every rank makes the whole global batch (uint8 gather, crop, flip: cheap) and keeps its own rows.
+    share = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
     epoch, start, sums = 0, 0, _new_sums()
     if resume:
-        ckpt = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
+        ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        if handle is not None:
-            handle.load_state_dict(ckpt["perturbation"])
-        _set_rng(ckpt["rng"])
+        if ckpt.get("scaler"):  # saved by an enabled (fp16) scaler
+            scaler.load_state_dict(ckpt["scaler"])
         epoch, start, sums = ckpt["epoch"], ckpt["batch"], ckpt["sums"]
-    else:
+        mine = _rank_state(ckpt, rank, world, out)
+        if handle is not None:
+            handle.load_state_dict(_to(mine["perturbation"], device))
+        _set_rng(mine["rng"], device)
+    elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / CONFIG, cfg.to_dict())
     meta = {"num_classes": data.num_classes, "image_shape": list(data.image_shape), "classes": data.classes}
 
     def save(epoch, batch, sums):
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "perturbation": handle.state_dict() if handle is not None else None, "rng": _get_rng(),
-                      "epoch": epoch, "batch": batch, "sums": sums, "config": cfg.to_dict(), "data": meta},
-                     out / CHECKPOINT)
+        mine = {"perturbation": _to(handle.state_dict(), "cpu") if handle is not None else None,
+                "rng": _get_rng(device)}
+        ranks = [mine]
+        if world > 1:
+            ranks = [None] * world if rank == 0 else None
+            dist.gather_object(mine, ranks, dst=0)
+        if rank == 0:
+            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                          "perturbation": ranks[0]["perturbation"], "rng": ranks[0]["rng"],
+                          **({"ranks": ranks} if world > 1 else {}), "world_size": world,
+                          "epoch": epoch, "batch": batch, "sums": sums, "config": cfg.to_dict(), "data": meta},
+                         out / CHECKPOINT)
 
     mode = ("bar" if sys.stderr.isatty() else "lines") if progress == "auto" else progress
+    mode = mode if rank == 0 else "none"
     steps_done = 0
     with _stop_on_signals() as stop:
         while epoch < cfg.epochs:
-            model.train()
+            stepped.train()
             bar = tqdm(total=len(loader), initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=mode != "bar", leave=False, dynamic_ncols=True)
             tick = time.perf_counter()
             for batch, (x, y) in enumerate(loader.iter_from(epoch, start), start=start):
+                x, y = x[share], y[share]
                 opt.zero_grad(set_to_none=True)
-                loss, logits = method.step(model, handle, x, y, cfg)
-                loss = loss.item()
-                if not math.isfinite(loss):
-                    raise TrainingError(f"non-finite loss ({loss}) at epoch {epoch + 1}, batch {batch + 1}; stopped. "
-                                        f"The last good checkpoint is kept in {out} (try a smaller lr or eps)")
-                opt.step()
-                sums["loss"] += loss * len(y)
-                sums["correct"] += (logits.argmax(1) == y).sum().item()
-                sums["images"] += len(y)
+                loss, logits = method.step(stepped, handle, x, y, cfg, run)
+                # One host sync per step, one all-reduce under DDP: summed loss, correct, and any rank stopping.
+                stats = torch.stack([loss.float() * len(y), (logits.argmax(1) == y).sum().float(),
+                                     loss.new_tensor(float(stop.is_set()))])
+                if world > 1:
+                    dist.all_reduce(stats)
+                loss_sum, correct, stopping = stats.tolist()
+                if not math.isfinite(loss_sum):
+                    raise TrainingError(f"non-finite loss ({loss_sum}) at epoch {epoch + 1}, batch {batch + 1}; "
+                                        f"stopped. The last good checkpoint is kept in {out} (try a smaller lr "
+                                        "or eps)")
+                scaler.step(opt)  # opt.step(), unless an fp16 gradient overflowed (then skipped)
+                scaler.update()
+                sums["loss"] += loss_sum
+                sums["correct"] += round(correct)
+                sums["images"] += len(y) * world
                 now = time.perf_counter()
                 sums["seconds"] += now - tick
                 tick = now
@@ -163,29 +255,39 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto"
                                 acc=f"{sums['correct'] / sums['images']:.3f}",
                                 img_s=f"{sums['images'] / sums['seconds']:.0f}")
                 steps_done += 1
-                if stop.is_set() or steps_done == stop_after_steps:
+                if stopping or steps_done == stop_after_steps:
                     bar.close()
                     save(epoch, batch + 1, sums)
                     return {"status": "interrupted", "epoch": epoch, "batch": batch + 1, "run_dir": str(out)}
             bar.close()
+            if world > 1:  # every rank gets rank 0's BatchNorm statistics: the model is then the same everywhere
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, 0)
             record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                       "train_loss": sums["loss"] / sums["images"], "train_acc": sums["correct"] / sums["images"],
-                      "test_acc": accuracy(model, data.test_x, data.test_y, batch_size=cfg.eval_batch_size),
+                      "test_acc": _accuracy(model, data.test_x, data.test_y, cfg.eval_batch_size, world, device),
                       "seconds": sums["seconds"], "images_per_s": sums["images"] / sums["seconds"]}
             if data.val_x is not None:
-                record["val_acc"] = accuracy(model, data.val_x, data.val_y, batch_size=cfg.eval_batch_size)
+                record["val_acc"] = _accuracy(model, data.val_x, data.val_y, cfg.eval_batch_size, world, device)
             sched.step()
             epoch, start, sums = epoch + 1, 0, _new_sums()
-            with open(out / LOG, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if rank == 0:
+                with open(out / LOG, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             save(epoch, 0, sums)
             if mode == "lines":
                 print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
                       flush=True)
-            if stop.is_set():
+            if _any_rank(stop.is_set(), world, device):
                 return {"status": "interrupted", "epoch": epoch, "batch": 0, "run_dir": str(out)}
-    metrics = summarize(read_log(out), cfg, method.passes)
-    _write_json(out / METRICS, metrics)
+    metrics = None
+    if rank == 0:
+        metrics = {**summarize(read_log(out), cfg, method.passes), "world_size": world}
+        _write_json(out / METRICS, metrics)
+    if world > 1:
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
     return metrics
 
 
@@ -262,17 +364,81 @@ def _new_sums():
     return {"loss": 0.0, "correct": 0, "images": 0, "seconds": 0.0}
 
 
-def _get_rng():
+def _get_rng(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # this process's device only: touching the others would make a context on each
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng(state):
+def _set_rng(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "cuda" in state and device.type == "cuda":
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state((cuda[device.index or 0] if isinstance(cuda, list) else cuda).cpu(), device)
+
+
+def _rank_state(ckpt: dict, rank: int, world: int, out: Path) -> dict:
+    """This rank's perturbation cache and RNG state in a checkpoint written by any number of processes."""
+    states = ckpt.get("ranks") or [{"perturbation": ckpt["perturbation"], "rng": ckpt["rng"]}]
+    if len(states) != world and ckpt["batch"] != 0:
+        raise ConfigError(f"{out}: the checkpoint was written mid-epoch by {len(states)} process(es), and the "
+                          f"split of the epoch into global batches depends on that number: resume with as many, "
+                          f"not {world}")
+    return states[rank % len(states)]  # another number of processes, at an epoch end: saved states are reused
+
+
+def _to(cache: dict, device) -> dict:
+    return {name: {k: None if v is None else v.to(device) for k, v in point.items()} for name, point in cache.items()}
+
+
+@contextlib.contextmanager
+def _process_group(device_name: str):
+    """Yields (rank, world size, device). Under torchrun (WORLD_SIZE > 1) it joins the process group for the
+    run: gloo on CPU, nccl on CUDA with this process on cuda:LOCAL_RANK; a group initialized already is used."""
+    joined = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if joined else int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world == 1:
+        yield 0, 1, device
+        return
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.index not in (None, local_rank):
+            raise ConfigError(f"device: under torchrun each process uses cuda:LOCAL_RANK (here cuda:{local_rank}); "
+                              f"give --device cuda or auto, not {device_name}")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not joined:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": device} if cuda else {}))
+    try:
+        dist.barrier()  # no rank is still looking for an existing run when rank 0 writes one
+        yield dist.get_rank(), world, device
+        dist.barrier()  # and none returns before rank 0 has written everything (a resume may follow at once)
+    finally:
+        if not joined:
+            gc.collect()  # the run's DDP wrapper must be gone first: destroyed after the group, it can hang
+            dist.destroy_process_group()
+
+
+def _any_rank(flag: bool, world: int, device) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def _accuracy(model, x, y, batch_size: int, world: int, device) -> float:
+    if world == 1:
+        return accuracy(model, x, y, batch_size=batch_size)
+    part = slice(dist.get_rank(), None, world)  # each rank measures every world-th image; the counts are summed
+    n = len(y[part])
+    correct = round(accuracy(model, x[part], y[part], batch_size=batch_size) * n) if n else 0
+    total = torch.tensor(float(correct), device=device)
+    dist.all_reduce(total)
+    return total.item() / len(y)
 
 
 def _atomic_save(obj, path: Path):

@@ -65,9 +65,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, device, 
     calls = []
     real = methods.METHODS["baseline"]
 
-    def poisoned(model, handle, x, y, cfg):
+    def poisoned(model, handle, x, y, cfg, run):
         calls.append(1)
-        loss, logits = real.step(model, handle, x, y, cfg)
+        loss, logits = real.step(model, handle, x, y, cfg, run)
         return (loss * float("nan") if len(calls) == 7 else loss), logits
 
     monkeypatch.setitem(methods.METHODS, "baseline", methods.Method(poisoned, False, 1))
