@@ -255,8 +255,7 @@ def _cache_gradient(state: _State, layout: torch.memory_format, g: torch.Tensor,
             for code in handle.split_codes | {_Point.forward.__code__}:
                 torch._dynamo.reset_code(code)
             handle.split_codes.clear()
-    # Under torch.compile (a sink exists) the sign and range passes run as one compiled kernel too.
-    signs, spread = (_signs_and_range if sink is None else _signs_and_range_compiled)(g)
+    signs, spread = _signs_and_range(g)
     if handle.direction == "random":
         signs = torch.empty_like(g, dtype=torch.int8).random_(0, 2).mul_(2).sub_(1)
     signs = signs.contiguous(memory_format=layout)
@@ -286,5 +285,3 @@ def _signs_and_range(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lo, hi = torch.aminmax(g)
     return g.gt(0).to(torch.int8) - g.lt(0).to(torch.int8), hi.float() - lo.float()  # fp32: an fp16 range can overflow
 
-
-_signs_and_range_compiled = torch.compile(_signs_and_range, dynamic=True)  # compiles on first use only
