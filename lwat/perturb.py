@@ -255,9 +255,12 @@ def _cache_gradient(state: _State, layout: torch.memory_format, g: torch.Tensor,
             for code in handle.split_codes | {_Point.forward.__code__}:
                 torch._dynamo.reset_code(code)
             handle.split_codes.clear()
-    signs, spread = _signs_and_range(g)
+    lo, hi = torch.aminmax(g)
+    spread = hi.float() - lo.float()  # fp32: an fp16 range can overflow
     if handle.direction == "random":
         signs = torch.empty_like(g, dtype=torch.int8).random_(0, 2).mul_(2).sub_(1)
+    else:  # int8 sign(g) without an fp32 temporary (faster than sign().to(int8) on CPU)
+        signs = g.gt(0).to(torch.int8) - g.lt(0).to(torch.int8)
     signs = signs.contiguous(memory_format=layout)
     if handle.scale == "range":
         scale = spread.float().mul_(handle.eps)  # eps_l = eps * (M - m), appendix
@@ -278,10 +281,3 @@ def _cache_gradient(state: _State, layout: torch.memory_format, g: torch.Tensor,
         else:
             scale = torch.where(finite, scale, torch.zeros_like(scale))
     state.signs, state.scale = signs, scale
-
-
-def _signs_and_range(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # int8 sign(g) without an fp32 temporary (faster than sign().to(int8) on CPU), and M - m.
-    lo, hi = torch.aminmax(g)
-    return g.gt(0).to(torch.int8) - g.lt(0).to(torch.int8), hi.float() - lo.float()  # fp32: an fp16 range can overflow
-

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lwat
+from test_methods import data, small_net as net
 from lwat.cli import make_parser
 from lwat.config import ConfigError, TrainConfig
 from lwat.methods import PLAIN, get_method
@@ -20,15 +21,8 @@ SMALL = dict(model="vgg16_bn", width=0.125, dropout=True, dataset="synthetic", t
              epochs=2, eval_batch_size=128, lr_drop_every=1, crop=True, flip=True)
 
 
-def net():
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.Conv2d(6, 6, 3, padding=1, stride=2), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
-
-
 def batch(device, seed=0, n=8):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 8, 8, generator=g).to(device), torch.randint(0, 4, (n,), generator=g).to(device)
+    return data(device, n=n, seed=seed)
 
 
 def cache(handle):
