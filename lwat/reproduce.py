@@ -307,18 +307,22 @@ def _options(job) -> dict:
 def _evaluate(res: Results, device: str, say: Callable[[str], None]) -> None:
     for ev in res.plan.evaluations:
         for r in res.finished(ev.group):
-            done = r.eval or {}
-            if done.get("attack") == ev.attack and all(f"{e:g}" in done.get("accuracy", {}) for e in ev.eps):
+            done = r.eval if r.eval and r.eval.get("attack") == ev.attack else {"accuracy": {}}
+            todo = [e for e in ev.eps if f"{e:g}" not in done["accuracy"]]  # eval.json keeps the eps it has
+            if not todo:
                 continue
             if not r.has_checkpoint:
                 say(f"evaluate {r.dir.name}: needs checkpoint, re-run")
                 continue
-            say(f"evaluate {r.dir.name}: {ev.attack} at eps {', '.join(f'{e:g}' for e in ev.eps)}")
+            say(f"evaluate {r.dir.name}: {ev.attack} at eps {', '.join(f'{e:g}' for e in todo)}")
             data_dir = r.training.config.data_dir if r.training.available else None
             try:
-                r.eval = evaluate_run(r.dir, eps_list=ev.eps, attack=ev.attack, device=device, data_dir=data_dir)
+                new = evaluate_run(r.dir, eps_list=todo, attack=ev.attack, device=device, data_dir=data_dir)
             except DataError as e:
                 say(f"evaluate {r.dir.name}: no data ({e})")
+                continue
+            r.eval = {**new, "accuracy": {**done["accuracy"], **new["accuracy"]}}
+            _write_json(Path(new["path"]), {k: v for k, v in r.eval.items() if k != "path"})
 
 
 def _test_data(r: RunResult, cache: dict):

@@ -1,5 +1,6 @@
 """Tests of lwat.presets and lwat.reproduce: every preset end to end at smoke scale, reuse, resume, the report."""
 
+import json
 import os
 import shutil
 import time
@@ -12,8 +13,8 @@ from lwat.cli import main
 from lwat.config import TrainConfig
 from lwat.models import VGG16_POOL_BN_DEPTHS
 from lwat.presets import (
-    PAPER, PRESETS, SCALES, DataSource, data_identity, data_label, estimate_cpu_seconds, list_presets, resolve_data,
-    toy_config,
+    FGSM_EPS, PAPER, PRESETS, SCALES, STANDARDIZED_EPS, DataSource, data_identity, data_label, estimate_cpu_seconds,
+    list_presets, resolve_data, toy_config,
 )
 from lwat.reproduce import find_run, index_runs, reproduce, run_key
 from lwat.train import train
@@ -84,6 +85,25 @@ def test_second_reproduce_reuses_everything(smoke_out, monkeypatch):
     for run in runs:
         assert {"config.json", "log.jsonl", "metrics.json", "host.json"} <= {p.name for p in run.iterdir()}
         assert not (run / "reproduce.lock").exists()
+
+
+def test_evaluation_adds_only_the_missing_eps(smoke_out, monkeypatch):
+    """An eps added to a preset is evaluated alone; the accuracies eval.json already holds are kept as they are."""
+    reproduce("table4", out=smoke_out, **SMOKE)
+    run = next(p for p in (smoke_out / "runs").iterdir() if p.name.startswith("vgg-noaug-cifar10-lat-seed0"))
+    old = json.loads((run / "eval.json").read_text())
+    assert set(old["accuracy"]) == {f"{e:g}" for e in FGSM_EPS + STANDARDIZED_EPS}
+    dropped = f"{STANDARDIZED_EPS[-1]:g}"
+    kept = {k: (0.123 if k == "0.02" else v) for k, v in old["accuracy"].items() if k != dropped}
+    (run / "eval.json").write_text(json.dumps({**old, "accuracy": kept}))
+    asked = []
+    real = rep.evaluate_run
+    monkeypatch.setattr(rep, "evaluate_run", lambda path, **kw: asked.append((Path(path).name, kw["eps_list"]))
+                        or real(path, **kw))
+    reproduce("table4", out=smoke_out, **SMOKE)
+    assert asked == [(run.name, [STANDARDIZED_EPS[-1]])]
+    now = json.loads((run / "eval.json").read_text())
+    assert now["accuracy"] == {**kept, dropped: old["accuracy"][dropped]}  # 0.123 was not recomputed
 
 
 def test_report_from_small_files_alone(smoke_out, tmp_path):
