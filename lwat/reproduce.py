@@ -449,11 +449,12 @@ def _setup(res: Results) -> list[str]:
                                        f"every {c.lr_drop_every}" for c in cfgs))
     aug = ", ".join(dict.fromkeys(" + ".join([n for n, on in (("flip", c.flip), ("crop", c.crop)) if on]) or "none"
                                   for c in cfgs))
+    eps = ", ".join(dict.fromkeys(f"{c.eps:g} ({c.scale} scaling)" for c in cfgs))
     finished = [r for runs in res.runs.values() for r in runs if r.finished]
     return [f"- Models: {models}",
             f"- Data: {', '.join(dict.fromkeys(data))}; training images: {subsets}",
             f"- Training: {schedule}; augmentation: {aug}; SGD with Nesterov momentum 0.9, weight decay "
-            f"{cfgs[0].weight_decay:g}; layerwise eps {cfgs[0].eps:g} ({cfgs[0].scale} scaling)",
+            f"{cfgs[0].weight_decay:g}; layerwise eps {eps}",
             f"- Seeds: {plan.seeds} planned per row; {len(finished)} of {len(plan.trainings)} planned trainings "
             f"finished (rows average every finished seed, n below)",
             f"- Wall time (the logs' training seconds, evaluation excluded): {_hours(_train_seconds(finished))}; "

@@ -43,6 +43,7 @@ PAPER_SNIPPETS = {
     "table5": ["| CIFAR-100 | with Dropout | 70.5 |", "| 73.1 |"],
     "table6": ["| paper | 89.5 | 89.62 | 90.24 | 91.1 | 91.3 | 89.4 |"],
     "table7": ["| 3.62 ± 0.05 |", "| 17.1 ± 0.1 |"],
+    "eps": ["| lat, eps 30 |", "| fgsm (Table 2) |"],
     "figure1": ["![t-SNE"], "figure2": ["![mean singular values"], "figure3": ["![train and test error"],
 }
 
