@@ -163,6 +163,8 @@ def ensure_trained(training: Training, root: Path, index: dict, *, progress: str
         (outcome, run directory): outcome is "reused", "trained", "resumed", "interrupted", "no data",
         "busy: ..." or "failed: ...".
     """
+    index.clear()  # re-read: another lwat reproduce may have started or finished this training meanwhile
+    index.update(index_runs(root))
     run, state = find_run(index, training)
     if state == "finished":
         return "reused", run

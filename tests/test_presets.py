@@ -156,6 +156,16 @@ def test_runs_made_elsewhere_are_found_by_config_and_left_alone_while_busy(tmp_p
     assert rep.ensure_trained(wanted, tmp_path / "runs", index, progress="none") == ("reused", elsewhere)
 
 
+def test_two_reproductions_side_by_side_train_each_run_once(tmp_path):
+    """A reproduce process whose index predates another's run (started or finished since) must not train it again."""
+    wanted = PRESETS["figure2"].plan("smoke", device="cpu").trainings[0]
+    root = tmp_path / "runs"
+    old_index = index_runs(root)  # taken before the other process began
+    assert rep.ensure_trained(wanted, root, {}, progress="none")[0] == "trained"  # the other process
+    assert rep.ensure_trained(wanted, root, old_index, progress="none")[0] == "reused"
+    assert len(list(root.iterdir())) == 1
+
+
 def test_run_key_ignores_where_and_how_but_not_what():
     cfg = TrainConfig(model="mlp_tanh", dataset="folder", data_dir="/a/cifar10-jpeg.tar.gz", device="cpu")
     assert run_key(cfg) == run_key(cfg.replace(data_dir="/elsewhere/cifar10-jpeg.tar.gz", device="cuda",
