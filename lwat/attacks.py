@@ -35,6 +35,10 @@ def _check(images: torch.Tensor, labels: torch.Tensor, eps: float) -> None:
                         f"{tuple(images.shape)}; divide uint8 images by 255 first")
     if labels.shape != images.shape[:1]:
         raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
+    _check_eps(eps)
+
+
+def _check_eps(eps) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0 (pixel units), got {eps!r}")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lwat.attacks import _eval_mode, get_attack
+from lwat.attacks import _check_eps, _eval_mode, _input_gradient, get_attack
 from lwat.perturb import DIRECTIONS, attach
 
 
@@ -74,11 +74,35 @@ def robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Seq
         {eps: accuracy} in the order of eps_list.
     """
     get_attack(attack)  # an unknown name fails before any work
-    values = list(eps_list)
+    values = [float(e) for e in eps_list]
+    if attack == "fgsm":
+        return _fgsm_sweep(model, x, y, values, batch_size, progress)
     if progress:
         from tqdm.auto import tqdm
         values = tqdm(values, desc=f"{attack} eps", leave=False)
-    return {float(e): accuracy(model, x, y, batch_size=batch_size, attack=attack, eps=float(e)) for e in values}
+    return {e: accuracy(model, x, y, batch_size=batch_size, attack=attack, eps=e) for e in values}
+
+
+def _fgsm_sweep(model, x, y, eps_list, batch_size, progress) -> dict[float, float]:
+    # FGSM's direction, sign(grad_x J), does not depend on eps: one gradient per batch serves every eps, and
+    # each eps costs one forward pass: the same numbers as accuracy(attack="fgsm") for each eps, at about a third
+    # of the cost for several eps.
+    for e in eps_list:
+        _check_eps(e)
+    device = model_device(model)
+    correct = dict.fromkeys(eps_list, 0)
+    batches = _batches(x, y, batch_size, device)
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc="fgsm", total=-(-len(y) // batch_size), leave=False)
+    with _eval_mode(model):
+        for xb, yb in batches:
+            sign = _input_gradient(model, xb, yb).sign() if any(eps_list) else None
+            with torch.no_grad():
+                for e in eps_list:
+                    xe = xb if e == 0 else (xb + e * sign).clamp_(0, 1)
+                    correct[e] += (model(xe).argmax(1) == yb).sum().item()
+    return {e: c / len(y) for e, c in correct.items()}
 
 
 def layerwise_attack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,

@@ -86,6 +86,9 @@ def test_accuracy_under_fgsm_and_robustness(trained):
     assert res[0.0] == pytest.approx(clean_reference(model, x, y), abs=1e-12)
     assert res[0.1] == pytest.approx(ref, abs=1e-12)
     assert res[0.3] < res[0.0]
+    assert res[0.3] == accuracy(model, x, y, attack="fgsm", eps=0.3, batch_size=64)  # one gradient serves every eps
+    with pytest.raises(ValueError, match="eps must be"):
+        robustness(model, x, y, [0.1, -0.1])
     with pytest.raises(ValueError, match="unknown attack"):
         robustness(model, x, y, [0.1], attack="nope")
 
