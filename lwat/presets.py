@@ -205,6 +205,10 @@ class Analysis:
     def needs_model(self) -> bool:
         return self.kind in ("strength", "tsne", "jacobian", "transfer")
 
+    @property
+    def needs_eval(self) -> bool:  # reads the runs' eval.json
+        return self.kind == "robustness"
+
     def all_groups(self) -> tuple[str, ...]:
         extra = tuple(g for g in (self.target, self.baseline) if g and g not in self.groups)
         return self.groups + extra
@@ -375,6 +379,9 @@ def _plan_table4(plan, data, seeds, device):
     for group, (method, _) in TABLE4_METHODS.items():
         _vgg_noaug(plan, data["cifar10"], seeds, device, group, method=method)
         plan.evaluations.append(Evaluation(group, FGSM_EPS + STANDARDIZED_EPS))
+    readings = (("pixel units", 1.0), ("standardized units", INPUT_STD))  # eps as read: pixel eps = eps x scale
+    plan.analyses.append(Analysis("table4-robustness", "robustness", tuple(TABLE4_METHODS), seeds="all",
+                                  options=(("readings", readings), ("eps", FGSM_EPS))))
     plan.notes.append("No augmentation, no dropout. FGSM at test time on the whole test set; training time is the "
                       "ratio of images per second (from the logs) to the baseline's.")
 
@@ -850,6 +857,7 @@ def _render_table4(res: Results) -> list[str]:
               f"{', '.join(f'{e:.4f}' for e in STANDARDIZED_EPS)}. The paper does not state its unit; its inputs "
               "were standardized.", ""]
     lines += accuracy_table((0.0, *STANDARDIZED_EPS), time=False)
+    lines += [""] + _plot_line(res, "table4-robustness", "accuracy under FGSM against eps, both readings")
     clean = {g: robust(g, 0.0) for g in TABLE4_METHODS}
     lines.append("")
     lines.append("Claims (paper: perturbing intermediate layers improves clean accuracy; FGS-orig is the most robust "

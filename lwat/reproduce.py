@@ -266,7 +266,7 @@ def collect(plan: Plan, out, index: dict | None = None) -> Results:
             entry = stored.get("seeds", {}).get(key)
             if inputs is None:  # why: the status of a group that has no finished run
                 waiting += [res.status(g) for g in job.all_groups() if not res.finished(g)] or ["not run yet"]
-            elif entry and entry["runs"] == _ids(inputs) and stored.get("options") == _options(job):
+            elif entry and entry["runs"] == _ids(inputs, job) and stored.get("options") == _options(job):
                 seeds[key] = entry["rows"]
             elif job.needs_model and not all(r.has_checkpoint for r in inputs.values()):
                 waiting.append("needs checkpoint, re-run")
@@ -294,8 +294,10 @@ def _analysis_inputs(job, res: Results) -> dict[str, dict[str, RunResult] | None
     return out
 
 
-def _ids(inputs: dict[str, RunResult]) -> list[str]:
-    return [f"{key}={r.dir.name}" for key, r in inputs.items()]
+def _ids(inputs: dict[str, RunResult], job) -> list[str]:
+    """What an analysis result was computed from: the runs, and for one that reads eval.json, the eps it held."""
+    return [f"{key}={r.dir.name}" + (f" eval {','.join(r.eval['accuracy'])}" if job.needs_eval else "")
+            for key, r in inputs.items()]
 
 
 def _options(job) -> dict:
@@ -349,11 +351,13 @@ def _analyze(res: Results, out: Path, device: str, cache: dict, say: Callable[[s
             if inputs is None:
                 continue
             entry = stored["seeds"].get(key)
-            if entry and entry["runs"] == _ids(inputs):
+            if entry and entry["runs"] == _ids(inputs, job):
                 continue
             if job.needs_model and not all(r.has_checkpoint for r in inputs.values()):
                 say(f"analysis {job.name} ({key}): needs checkpoint, re-run")
                 continue
+            if job.needs_eval and not all(r.eval for r in inputs.values()):
+                continue  # evaluate first (not possible without a checkpoint)
             say(f"analysis {job.name} ({key})")
             try:
                 result = _compute(job, inputs, device, cache)
@@ -361,7 +365,7 @@ def _analyze(res: Results, out: Path, device: str, cache: dict, say: Callable[[s
                 say(f"analysis {job.name} ({key}): no data ({e})")
                 continue
             module = get_analysis(job.kind)
-            stored["seeds"][key] = {"runs": _ids(inputs), "rows": _summary(job.kind, module.to_rows(result))}
+            stored["seeds"][key] = {"runs": _ids(inputs, job), "rows": _summary(job.kind, module.to_rows(result))}
             path.parent.mkdir(parents=True, exist_ok=True)
             if key == min(stored["seeds"], key=_seed_order):  # the plot shows the first seed
                 module.plot(result, path.with_suffix(".png"))
@@ -379,6 +383,11 @@ def _compute(job, inputs: dict[str, RunResult], device: str, cache: dict):
     opts = dict(job.options)
     if job.kind == "curves":
         return module.compute({g: r.log for g, r in inputs.items()})
+    if job.kind == "robustness":  # eval.json's accuracy at eps x scale, for each way of reading eps
+        return module.compute([{"label": key.split("#")[0], "panel": name, "eps": e,
+                                "accuracy": r.eval["accuracy"][f"{e * scale:g}"]}
+                               for key, r in inputs.items() for name, scale in opts["readings"] for e in opts["eps"]
+                               if f"{e * scale:g}" in r.eval["accuracy"]])
     if job.kind == "depth":
         records = [{"depth": r.config.depth, "label": key.split("#")[0] if key.split("#")[0] != job.baseline
                     else "baseline", "accuracy": r.metrics["test_acc"]} for key, r in inputs.items()]

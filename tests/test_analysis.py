@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lwat.analysis import ANALYSES, curves, depth, get_analysis, jacobian, strength, transfer, tsne
+from lwat.analysis import ANALYSES, curves, depth, get_analysis, jacobian, robustness, strength, transfer, tsne
 from lwat.data import synthetic_dataset
 from lwat.evaluate import accuracy
 from lwat.models import build_model
@@ -45,7 +45,7 @@ def assert_png(path):
 
 
 def test_registry():
-    assert set(ANALYSES) == {"strength", "tsne", "jacobian", "transfer", "depth", "curves"}
+    assert set(ANALYSES) == {"strength", "tsne", "jacobian", "transfer", "depth", "curves", "robustness"}
     for module in ANALYSES.values():
         assert callable(module.compute) and callable(module.plot) and callable(module.to_rows)
     assert get_analysis("tsne") is tsne
@@ -190,3 +190,26 @@ def test_curves(tmp_path):
     assert_png(tmp_path / "curves.png")
     with pytest.raises(ValueError, match="no record"):
         curves.compute({"x": [{"step": 1}]})
+
+
+def test_robustness(tmp_path):
+    records = [
+        {"label": "lat", "panel": "pixel units", "eps": 0.02, "accuracy": 0.10},
+        {"label": "lat", "panel": "pixel units", "eps": 0.0, "accuracy": 0.68},
+        {"label": "lat", "panel": "pixel units", "eps": 0.02, "accuracy": 0.14},
+        {"label": "fgsm", "panel": "pixel units", "eps": 0.02, "accuracy": 0.27},
+        {"label": "lat", "panel": "standardized units", "eps": 0.02, "accuracy": 0.41},
+    ]
+    res = robustness.compute(records)
+    assert list(res) == ["pixel units", "standardized units"] and list(res["pixel units"]) == ["lat", "fgsm"]
+    clean, attacked = res["pixel units"]["lat"]  # sorted by eps; the two seeds at 0.02 averaged
+    assert clean == {"eps": 0.0, "mean": pytest.approx(0.68), "std": 0.0, "n": 1}
+    assert attacked["n"] == 2 and attacked["mean"] == pytest.approx(0.12)
+    assert attacked["std"] == pytest.approx(np.std([0.10, 0.14], ddof=1))
+    rows = robustness.to_rows(res)
+    assert len(rows) == 4 and rows[-1] == {"panel": "standardized units", "label": "lat", "eps": 0.02,
+                                           "mean": pytest.approx(0.41), "std": 0.0, "n": 1}
+    robustness.plot(res, tmp_path / "robustness.png")
+    assert_png(tmp_path / "robustness.png")
+    with pytest.raises(ValueError, match="lacks"):
+        robustness.compute([{"label": "lat", "eps": 0.0, "accuracy": 0.5}])

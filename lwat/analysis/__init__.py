@@ -1,15 +1,15 @@
 """The paper's analyses, one module each: `compute(...)` returns numbers, `plot(result, path)` draws a PNG,
 `to_rows(result)` gives CSV rows.
 
-strength (Table 1), tsne (Figure 1), jacobian (Figure 2), transfer (Table 2), depth (Table 6),
-curves (Figure 3).
+strength (Table 1), tsne (Figure 1), jacobian (Figure 2), transfer (Table 2), robustness (Table 4),
+depth (Table 6), curves (Figure 3).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from lwat.analysis import curves, depth, jacobian, strength, transfer, tsne
+from lwat.analysis import curves, depth, jacobian, robustness, strength, transfer, tsne
 
 # name -> module with compute(), plot(result, path) and to_rows(result)
 ANALYSES: dict[str, ModuleType] = {
@@ -17,6 +17,7 @@ ANALYSES: dict[str, ModuleType] = {
     "tsne": tsne,
     "jacobian": jacobian,
     "transfer": transfer,
+    "robustness": robustness,
     "depth": depth,
     "curves": curves,
 }
@@ -29,4 +30,5 @@ def get_analysis(name: str) -> ModuleType:
     return ANALYSES[name]
 
 
-__all__ = ["ANALYSES", "get_analysis", "curves", "depth", "jacobian", "strength", "transfer", "tsne"]
+__all__ = ["ANALYSES", "get_analysis", "curves", "depth", "jacobian", "robustness", "strength", "transfer",
+           "tsne"]
