@@ -847,7 +847,7 @@ def _render_table4(res: Results) -> list[str]:
         return table(["Type", "", *(f"eps = {e:g}" for e in eps)] + (["Training time"] if time else []), rows)
 
     lines = accuracy_table(eps, time=True)
-    measured = sorted({t for g in TABLE4_METHODS if (r := time_ratio(g)) for t in [r[2]]})
+    measured = sorted({r[2] for g in TABLE4_METHODS if g != "baseline" and (r := time_ratio(g))})
     lines += ["", "eps: FGSM strength in pixel units of [0, 1] images (0 = clean test data). Training time: the "
               "baseline's images per second over the method's, from the training logs of runs made with the same "
               f"number of torch threads ({', '.join(map(str, measured)) or 'none yet'}); runs that shared the "
