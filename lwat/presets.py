@@ -293,7 +293,7 @@ def _toy(plan: Plan, data: dict, seeds: int, device: str, sweep: Sequence[float]
                                            others))
 
 
-EPS_SWEEP = (5.0, 20.0, 30.0)  # with Table 2's eps 10: the appendix's {10, 20, 30} and one value outside it
+EPS_SWEEP = (20.0, 30.0, 5.0)  # with Table 2's eps 10: the appendix's {10, 20, 30}, then one value outside it
 
 
 def _plan_eps(plan, data, seeds, device):
