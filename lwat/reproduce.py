@@ -296,8 +296,8 @@ def _analysis_inputs(job, res: Results) -> dict[str, dict[str, RunResult] | None
 
 def _ids(inputs: dict[str, RunResult], job) -> list[str]:
     """What an analysis result was computed from: the runs, and for one that reads eval.json, the eps it held."""
-    return [f"{key}={r.dir.name}" + (f" eval {','.join(r.eval['accuracy'])}" if job.needs_eval else "")
-            for key, r in inputs.items()]
+    return [f"{key}={r.dir.name}" + (f" eval {','.join((r.eval or {}).get('accuracy', {}))}" if job.needs_eval
+                                     else "") for key, r in inputs.items()]
 
 
 def _options(job) -> dict:
