@@ -67,7 +67,12 @@ def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: floa
     _check(images, labels, eps)
     with _eval_mode(model):
         grad = _input_gradient(model, images, labels)
-    return (images.detach() + eps * grad.sign()).clamp_(0, 1)
+    return _fgsm_step(images.detach(), grad.sign(), eps)
+
+
+def _fgsm_step(images: torch.Tensor, sign: torch.Tensor, eps: float) -> torch.Tensor:
+    # x + eps * sign(grad), kept a valid image
+    return (images + eps * sign).clamp_(0, 1)
 
 
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, *, steps: int = 10,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lwat.attacks import _check_eps, _eval_mode, _input_gradient, get_attack
+from lwat.attacks import _check_eps, _eval_mode, _fgsm_step, _input_gradient, get_attack
 from lwat.perturb import DIRECTIONS, attach
 
 
@@ -100,7 +100,7 @@ def _fgsm_sweep(model, x, y, eps_list, batch_size, progress) -> dict[float, floa
             sign = _input_gradient(model, xb, yb).sign() if any(eps_list) else None
             with torch.no_grad():
                 for e in eps_list:
-                    xe = xb if e == 0 else (xb + e * sign).clamp_(0, 1)
+                    xe = xb if e == 0 else _fgsm_step(xb, sign, e)
                     correct[e] += (model(xe).argmax(1) == yb).sum().item()
     return {e: c / len(y) for e, c in correct.items()}
 

@@ -838,7 +838,7 @@ def _render_table4(res: Results) -> list[str]:
     def accuracy_table(pixel_eps, time: bool):
         rows = []
         for group, (_, name) in TABLE4_METHODS.items():
-            ratio = time_ratio(group) if group != "baseline" else None
+            ratio = time_ratio(group)
             paper_time = "X" if paper["time"][group] == 1 else f"{paper['time'][group]}x"
             ours_time = "X" if group == "baseline" else "—" if ratio is None else f"{ratio[1]:.2f}x"
             rows.append([name, "paper", *map(paper_fmt, paper["rows"][group])] + ([paper_time] if time else []))

@@ -192,12 +192,7 @@ def ensure_trained(training: Training, root: Path, index: dict, *, progress: str
                 for name in (CONFIG, LOG):
                     with contextlib.suppress(FileNotFoundError):
                         (run / name).unlink()
-            try:
-                result = train(cfg, run, resume=resume, progress=progress)
-            finally:
-                known = index.setdefault(run_key(cfg), [])
-                if run not in known:
-                    known.append(run)
+            result = train(cfg, run, resume=resume, progress=progress)
     except _Busy as e:
         return f"busy: {e}", run
     except TrainingError as e:
