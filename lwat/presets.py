@@ -813,15 +813,17 @@ def _render_table4(res: Results) -> list[str]:
         return stats([100 * r.eval["accuracy"][f"{e:g}"] for r in res.finished(group)
                       if r.eval and f"{e:g}" in r.eval.get("accuracy", {})])
 
-    def threads(r):
-        return (r.host or {}).get("threads")
+    def machine(r):
+        """Where a run's speed was measured: the GPU's name, or the number of torch threads on CPU."""
+        host = r.host or {}
+        return host.get("gpu") or (host.get("threads") and f"CPU, {host['threads']} torch threads")
 
     def time_ratio(group):
-        """The baseline's mean images/s over the method's, among runs made with the same torch threads (the
+        """The baseline's mean images/s over the method's, among runs made on the same kind of machine (the
         condition with the most such runs); None without a comparable pair."""
         pairs = []
-        for t in {threads(r) for r in res.finished(group)} - {None}:
-            mine, base = ([r.metrics["images_per_s"] for r in res.finished(g) if threads(r) == t]
+        for t in {machine(r) for r in res.finished(group)} - {None}:
+            mine, base = ([r.metrics["images_per_s"] for r in res.finished(g) if machine(r) == t]
                           for g in (group, "baseline"))
             if mine and base:
                 pairs.append((len(mine) + len(base), stats(base)[0] / stats(mine)[0], t))
@@ -849,8 +851,8 @@ def _render_table4(res: Results) -> list[str]:
     lines = accuracy_table(eps, time=True)
     measured = sorted({r[2] for g in TABLE4_METHODS if g != "baseline" and (r := time_ratio(g))})
     lines += ["", "eps: FGSM strength in pixel units of [0, 1] images (0 = clean test data). Training time: the "
-              "baseline's images per second over the method's, from the training logs of runs made with the same "
-              f"number of torch threads ({', '.join(map(str, measured)) or 'none yet'}); runs that shared the "
+              "baseline's images per second over the method's, from the training logs of runs made on the same kind "
+              f"of machine ({'; '.join(measured) or 'none yet'}); runs that shared the "
               "machine make it noisy: benchmarks/step_overhead.py measures it side by side.", ""]
     lines += [f"The same models with eps read in standardized input units ((x - mean) / std): the attack's pixel eps "
               f"is eps x {INPUT_STD:.4f} (CIFAR-10's mean channel std), i.e. "

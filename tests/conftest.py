@@ -2,6 +2,9 @@
 
 import os
 
+# cuBLAS reads this when it first starts: needed for deterministic matrix products on CUDA (see `deterministic`).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +16,16 @@ from lwat.models import build_model
 @pytest.fixture
 def device() -> torch.device:
     return torch.device(os.environ.get("LWAT_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture
+def deterministic():
+    """Deterministic kernels for tests that compare two trainings bit for bit: on CUDA, cuDNN's default
+    convolution backward kernels accumulate in a varying order (on CPU this changes nothing)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
 
 
 @pytest.fixture(scope="session", autouse=True)

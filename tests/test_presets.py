@@ -122,6 +122,29 @@ def test_report_from_small_files_alone(smoke_out, tmp_path):
     assert "![train and test error" in parts["figure3"]  # curves need only the logs
 
 
+def test_time_ratio_compares_runs_made_on_the_same_kind_of_machine(smoke_out, tmp_path):
+    reproduce("table4", out=smoke_out, **SMOKE)
+    out = tmp_path / "copy"
+    shutil.copytree(smoke_out, out, ignore=shutil.ignore_patterns("checkpoint.pt", "analysis"))
+    runs = {g: next((out / "runs").glob(f"vgg-noaug-cifar10-{g}-seed0*")) for g in ("baseline", "lat")}
+
+    def measured(group, images_per_s, gpu):
+        metrics = json.loads((runs[group] / "metrics.json").read_text())
+        (runs[group] / "metrics.json").write_text(json.dumps({**metrics, "images_per_s": images_per_s}))
+        (runs[group] / "host.json").write_text(json.dumps({"cpu": "x", "threads": 1, "gpu": gpu, "torch": "x"}))
+
+    def lat_time():
+        report = Path(reproduce("table4", out=out, **SMOKE)["report"]).read_text()
+        row = next(line for line in report.splitlines() if line.startswith("|  | ours (lat,"))
+        return row.rstrip(" |").rsplit("| ", 1)[1]
+
+    measured("baseline", 300.0, gpu="GPU A")
+    measured("lat", 100.0, gpu=None)  # same thread count, but one ran on a GPU: not comparable
+    assert lat_time() == "—"
+    measured("lat", 200.0, gpu="GPU A")
+    assert lat_time() == "1.50x"
+
+
 def test_interrupted_reproduction_resumes(tmp_path, monkeypatch):
     real_train = rep.train
 

@@ -44,7 +44,7 @@ def test_run_directory_contents(tmp_path, device):
 
 
 @pytest.mark.parametrize("method", ["lat", "random", "fgsm-inter"])
-def test_resume_mid_epoch_is_bit_exact(method, tmp_path, device):
+def test_resume_mid_epoch_is_bit_exact(method, tmp_path, device, deterministic):
     cfg = cfg_for(method, device)
     train(cfg, tmp_path / "full", progress="none")
     stopped = train(cfg, tmp_path / "resumed", progress="none", stop_after_steps=7)  # epoch 2, batch 2 of 5
