@@ -818,16 +818,16 @@ def _render_table4(res: Results) -> list[str]:
         host = r.host or {}
         return host.get("gpu") or (host.get("threads") and f"CPU, {host['threads']} torch threads")
 
-    def time_ratio(group):
-        """The baseline's mean images/s over the method's, among runs made on the same kind of machine (the
-        condition with the most such runs); None without a comparable pair."""
-        pairs = []
-        for t in {machine(r) for r in res.finished(group)} - {None}:
-            mine, base = ([r.metrics["images_per_s"] for r in res.finished(g) if machine(r) == t]
+    def time_ratios(group):
+        """[(runs, baseline's mean images/s over the method's, machine)] for each machine on which both ran,
+        the machine with the most such runs first."""
+        found = []
+        for m in {machine(r) for r in res.finished(group)} - {None}:
+            mine, base = ([r.metrics["images_per_s"] for r in res.finished(g) if machine(r) == m]
                           for g in (group, "baseline"))
             if mine and base:
-                pairs.append((len(mine) + len(base), stats(base)[0] / stats(mine)[0], t))
-        return max(pairs, default=None)
+                found.append((len(mine) + len(base), stats(base)[0] / stats(mine)[0], m))
+        return sorted(found, key=lambda f: (-f[0], f[2]))
 
     def missing(group):
         runs = res.finished(group)
@@ -840,19 +840,24 @@ def _render_table4(res: Results) -> list[str]:
     def accuracy_table(pixel_eps, time: bool):
         rows = []
         for group, (_, name) in TABLE4_METHODS.items():
-            ratio = time_ratio(group)
+            ratios = time_ratios(group)
             paper_time = "X" if paper["time"][group] == 1 else f"{paper['time'][group]}x"
-            ours_time = "X" if group == "baseline" else "—" if ratio is None else f"{ratio[1]:.2f}x"
+            ours_time = "X" if group == "baseline" else f"{ratios[0][1]:.2f}x" if ratios else "—"
             rows.append([name, "paper", *map(paper_fmt, paper["rows"][group])] + ([paper_time] if time else []))
             rows.append(["", f"ours ({group}, {_n(res, group)})",
                          *(fmt(robust(group, e), missing(group)) for e in pixel_eps)] + ([ours_time] if time else []))
         return table(["Type", "", *(f"eps = {e:g}" for e in eps)] + (["Training time"] if time else []), rows)
 
     lines = accuracy_table(eps, time=True)
-    measured = sorted({r[2] for g in TABLE4_METHODS if g != "baseline" and (r := time_ratio(g))})
+    by_machine = {}  # machine -> "method ratio" for every method measured there
+    for g in TABLE4_METHODS:
+        for _, ratio, m in time_ratios(g) if g != "baseline" else ():
+            by_machine.setdefault(m, []).append(f"{g} {ratio:.2f}x")
+    measured = "; ".join(f"{m}: {', '.join(r)}" for m, r in by_machine.items())
     lines += ["", "eps: FGSM strength in pixel units of [0, 1] images (0 = clean test data). Training time: the "
               "baseline's images per second over the method's, from the training logs of runs made on the same kind "
-              f"of machine ({'; '.join(measured) or 'none yet'}); runs that shared the "
+              "of machine (the one with the most such runs; every machine's ratios are in the claims below); runs "
+              "that shared the "
               "machine make it noisy: benchmarks/step_overhead.py measures it side by side.", ""]
     lines += [f"The same models with eps read in standardized input units ((x - mean) / std): the attack's pixel eps "
               f"is eps x {INPUT_STD:.4f} (CIFAR-10's mean channel std), i.e. "
@@ -875,9 +880,8 @@ def _render_table4(res: Results) -> list[str]:
         best_other = max((o for o in others if o is not None), key=lambda s: s[0], default=None)
         lines.append(claim(f"fgsm has the best FGSM accuracy at eps {eps[-1]:g} ({unit})", robust("fgsm", top),
                            best_other, names=("fgsm", "best other")))
-    ratios = ", ".join(f"{g} {r[1]:.2f}x" for g in TABLE4_METHODS if g != "baseline" and (r := time_ratio(g)))
     lines.append(f"- training time relative to the baseline (paper: lat ~1x, fgsm, fgsm-inter and lat-joint ~2x): "
-                 f"measured {ratios or 'not yet'}")
+                 f"measured {measured or 'not yet'}")
     return lines + [""]
 
 

@@ -515,7 +515,8 @@ def write_report(out, scale: str, *, targets=(), seeds: int | None = None, data:
              f"- Scale: **{scale}**: {SCALES[scale]}."]
     if command:
         lines.append(f"- Command: `{command}`")
-    missing = [f"{s.label.split(' (')[0]} not given: its rows are not run" for s in data.values() if not s.available]
+    missing = [f"{s.label.split(' (')[0]} not given: only finished runs found under runs/ are reported"
+               for s in data.values() if not s.available]
     lines += [f"- Data: {'; '.join(labels + missing) or 'no run finished yet'}",
               f"- Finished trainings: {len(runs)}; wall time summed from their logs: {_hours(_train_seconds(runs))}",
               f"- Hardware: {_hardware(runs)}",

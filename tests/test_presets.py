@@ -136,13 +136,14 @@ def test_time_ratio_compares_runs_made_on_the_same_kind_of_machine(smoke_out, tm
     def lat_time():
         report = Path(reproduce("table4", out=out, **SMOKE)["report"]).read_text()
         row = next(line for line in report.splitlines() if line.startswith("|  | ours (lat,"))
-        return row.rstrip(" |").rsplit("| ", 1)[1]
+        claim = next(line for line in report.splitlines() if line.startswith("- training time relative"))
+        return row.rstrip(" |").rsplit("| ", 1)[1], claim.split("measured ", 1)[1]
 
     measured("baseline", 300.0, gpu="GPU A")
     measured("lat", 100.0, gpu=None)  # same thread count, but one ran on a GPU: not comparable
-    assert lat_time() == "—"
+    assert lat_time() == ("—", "not yet")
     measured("lat", 200.0, gpu="GPU A")
-    assert lat_time() == "1.50x"
+    assert lat_time() == ("1.50x", "GPU A: lat 1.50x")
 
 
 def test_interrupted_reproduction_resumes(tmp_path, monkeypatch):
