@@ -650,18 +650,20 @@ class Loader:
         drop_last: drop the last partial batch; default: `train`.
         device: where the data lives and batches come out; default: where `x` is.
         channels_last: yield images in channels-last memory format.
+        rows: keep only these rows of every batch (a DDP rank's share of the global batch); the other rows are
+            never gathered, cropped or flipped.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, train: bool, crop: bool = True,
                  flip: bool = True, seed: int = 0, drop_last: bool | None = None, device=None,
-                 channels_last: bool = False, pad: int = 4):
+                 channels_last: bool = False, pad: int = 4, rows: slice = slice(None)):
         if x.dtype != torch.uint8 or x.ndim != 4 or y.shape != (len(x),):
             raise DataError(f"Loader: expected uint8 (N, C, H, W) images and (N,) labels, got {x.dtype} "
                             f"{tuple(x.shape)} and {tuple(y.shape)}")
         device = torch.device(device) if device is not None else x.device
         self.x, self.y = x.to(device), y.to(device, torch.int64)
         self.batch_size, self.train, self.crop, self.flip, self.pad = batch_size, train, crop, flip, pad
-        self.seed, self.channels_last = seed, channels_last
+        self.seed, self.channels_last, self.rows = seed, channels_last, rows
         self.drop_last = train if drop_last is None else drop_last
         self.epoch = 0  # the epoch the next iter() runs
         self.start_batch = 0  # the batch the next iter() starts at (for resuming mid-epoch); reset after use
@@ -695,7 +697,8 @@ class Loader:
             flips = (torch.rand(n, generator=g) < 0.5).to(device)
             shifts = torch.randint(-self.pad, self.pad + 1, (n, 2), generator=g).to(device)
         for i in range(start_batch, len(self)):
-            batch = slice(i * bs, (i + 1) * bs)
+            r = range(i * bs, min((i + 1) * bs, n))[self.rows]
+            batch = slice(r.start, r.stop, r.step)
             if self.train:
                 images, labels = self.x[order[batch]], self.y[order[batch]]
                 if self.crop:

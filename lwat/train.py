@@ -182,10 +182,10 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_drop_every, gamma=1 / cfg.lr_drop_factor)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     run = make_passes(stepped, handle, amp=cfg.amp, device_type=device.type, scaler=scaler)
+    # The global batch (the same on every rank); each rank gathers and augments only its own rows of it.
     loader = Loader(data.train_x, data.train_y, cfg.batch_size * world, train=True, crop=cfg.crop,
-                    flip=cfg.flip, seed=cfg.seed, channels_last=cfg.channels_last)
-    # Every rank makes the whole global batch (uint8 gather, crop, flip: cheap) and keeps its own rows.
-    share = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+                    flip=cfg.flip, seed=cfg.seed, channels_last=cfg.channels_last,
+                    rows=slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size))
     epoch, start, sums = 0, 0, _new_sums()
     if resume:
         ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
@@ -229,7 +229,6 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
                        disable=mode != "bar", leave=False, dynamic_ncols=True)
             tick = time.perf_counter()
             for batch, (x, y) in enumerate(loader.iter_from(epoch, start), start=start):
-                x, y = x[share], y[share]
                 opt.zero_grad(set_to_none=True)
                 loss, logits = method.step(stepped, handle, x, y, cfg, run)
                 # One host sync per step, one all-reduce under DDP: summed loss, correct, and any rank stopping.

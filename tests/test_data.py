@@ -474,6 +474,20 @@ def test_loader_train_mode(device):
     assert torch.equal(list(make(seed=5, channels_last=True).iter_from(0))[0][0], epoch0[0][0])
 
 
+def test_loader_rows_are_a_share_of_the_global_batch(device):
+    """A DDP rank's loader (rows=) yields exactly its rows of the global batch, augmentation included."""
+    ds = data.synthetic_dataset(n_train=40)
+    make = lambda **kw: Loader(ds.train_x, ds.train_y, 12, train=True, seed=3, device=device, **kw)
+    shares = [slice(0, 4), slice(4, 8), slice(8, 12)]
+    for epoch, start in ((0, 0), (2, 1)):
+        full = list(make().iter_from(epoch, start))
+        ranks = [list(make(rows=share).iter_from(epoch, start)) for share in shares]
+        assert len(full) == 3 - start and all(len(r) == len(full) for r in ranks)
+        for i, (x, y) in enumerate(full):
+            assert torch.equal(torch.cat([r[i][0] for r in ranks]), x)
+            assert torch.equal(torch.cat([r[i][1] for r in ranks]), y)
+
+
 def test_loader_resume_mid_epoch(device):
     ds = data.synthetic_dataset(n_train=40)
     loader = Loader(ds.train_x, ds.train_y, 8, train=True, seed=3, device=device)
