@@ -829,6 +829,8 @@ def _render_table4(res: Results) -> list[str]:
                 found.append((len(mine) + len(base), stats(base)[0] / stats(mine)[0], m))
         return sorted(found, key=lambda f: (-f[0], f[2]))
 
+    ratios = {g: time_ratios(g) for g in TABLE4_METHODS if g != "baseline"}
+
     def missing(group):
         runs = res.finished(group)
         if not runs:
@@ -840,9 +842,8 @@ def _render_table4(res: Results) -> list[str]:
     def accuracy_table(pixel_eps, time: bool):
         rows = []
         for group, (_, name) in TABLE4_METHODS.items():
-            ratios = time_ratios(group)
             paper_time = "X" if paper["time"][group] == 1 else f"{paper['time'][group]}x"
-            ours_time = "X" if group == "baseline" else f"{ratios[0][1]:.2f}x" if ratios else "—"
+            ours_time = "X" if group == "baseline" else f"{ratios[group][0][1]:.2f}x" if ratios[group] else "—"
             rows.append([name, "paper", *map(paper_fmt, paper["rows"][group])] + ([paper_time] if time else []))
             rows.append(["", f"ours ({group}, {_n(res, group)})",
                          *(fmt(robust(group, e), missing(group)) for e in pixel_eps)] + ([ours_time] if time else []))
@@ -850,8 +851,8 @@ def _render_table4(res: Results) -> list[str]:
 
     lines = accuracy_table(eps, time=True)
     by_machine = {}  # machine -> "method ratio" for every method measured there
-    for g in TABLE4_METHODS:
-        for _, ratio, m in time_ratios(g) if g != "baseline" else ():
+    for g, found in ratios.items():
+        for _, ratio, m in found:
             by_machine.setdefault(m, []).append(f"{g} {ratio:.2f}x")
     measured = "; ".join(f"{m}: {', '.join(r)}" for m, r in by_machine.items())
     lines += ["", "eps: FGSM strength in pixel units of [0, 1] images (0 = clean test data). Training time: the "

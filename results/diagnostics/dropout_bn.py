@@ -16,13 +16,19 @@ from torch import nn
 
 from lwat.config import TrainConfig
 from lwat.data import load_dataset
-from lwat.evaluate import accuracy
 from lwat.train import load_run, train
 
 
 def predictions(model, x, batch_size=500):
     with torch.no_grad():
         return torch.cat([model(x[i:i + batch_size].float() / 255).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+def test_summary(model, ds) -> str:
+    """Test accuracy and the share of test images given the most common class, from one pass."""
+    pred = predictions(model, ds.test_x)
+    top = pred.bincount(minlength=ds.num_classes).max().item() / len(pred)
+    return f"test accuracy {(pred == ds.test_y).float().mean().item():.4f}, share of the most common class {top:.3f}"
 
 
 def main():
@@ -38,9 +44,7 @@ def main():
         train(cfg, args.run, progress="lines")
     model, cfg, _ = load_run(args.run)
     ds = load_dataset("folder", cfg.data_dir, train_subset=cfg.train_subset, seed=cfg.seed)
-    top = predictions(model, ds.test_x).bincount(minlength=10).max().item() / len(ds.test_y)
-    print(f"{args.run} ({cfg.epochs} epochs): eval mode: test accuracy {accuracy(model, ds.test_x, ds.test_y):.4f}, "
-          f"share of test images given the most common class {top:.3f}")
+    print(f"{args.run} ({cfg.epochs} epochs): eval mode: {test_summary(model, ds)}")
     for m in model.modules():  # re-estimate BatchNorm statistics (cumulative average) with dropout off
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
@@ -49,11 +53,9 @@ def main():
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.eval()
-    predictions(model, ds.train_x)
+    predictions(model, ds.train_x)  # the forward passes update the statistics
     model.eval()
-    top = predictions(model, ds.test_x).bincount(minlength=10).max().item() / len(ds.test_y)
-    print(f"after re-estimating BatchNorm statistics without dropout: test accuracy "
-          f"{accuracy(model, ds.test_x, ds.test_y):.4f}, share of the most common class {top:.3f}")
+    print(f"after re-estimating BatchNorm statistics without dropout: {test_summary(model, ds)}")
 
 
 if __name__ == "__main__":
