@@ -15,13 +15,9 @@ How the gradient is read, and why this design (each choice keeps torch.compile c
   parameters, buffers and `state_dict()` keys stay exactly those of the plain model.
 - Eager: a tensor hook on the point's output receives dJ/da during backward and turns it into
   int8 signs and one scale (no extra pass over the activation; Eq. 6 is one in-place addcmul_).
-- Compiled: a hook registered inside a compiled graph would break it, so the output also gets a
-  *sink* added: a zero leaf expanded (stride 0, 4 bytes) to the activation's shape. Autograd writes
-  dJ/da into `sink.grad`, and a post-accumulate-grad hook on that leaf, which runs in the eager
-  autograd engine outside any compiled graph, makes the cache (no state is mutated from inside a
-  compiled backward, which compiled silently wrong). Making a sink is one graph break per point on
-  the first step; the hook then drops the model's split compiled code, so the next step compiles
-  into one graph.
+- Compiled: a hook registered inside a compiled graph would break it, so the output gets a zero
+  "sink" leaf added instead, whose gradient reaches Eq. 5 in the eager autograd engine; that
+  machinery (and the private torch APIs it needs) is in `lwat/_compile.py`.
 - The cache between steps is int8 signs (1 byte per activation element, the activation's device
   and memory format) plus one 0-dim scale per point. It is plain attributes of the module
   instance, not parameters or buffers: DDP neither broadcasts nor averages it, so each rank
@@ -36,11 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from lwat import _compile
 
 SCALES = ("range", "fixed")
 DIRECTIONS = ("gradient", "random")  # "random": random signs, same eps_l (a control experiment)
@@ -111,6 +108,88 @@ def default_points(model: nn.Module) -> list[str]:
     return [n for n, _ in layers if n not in last_linear]
 
 
+# Modules whose backward does not read their own output, so Eq. 6 may update that output in place.
+_OUTPUT_NOT_SAVED = (nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass(eq=False)
+class _State:
+    handle: Handle
+    signs: torch.Tensor | None = None  # int8 sign(dJ/da) of the previous batch, r_l in Eq. 5
+    scale: torch.Tensor | None = None  # 0-dim eps_l
+    sink: torch.Tensor | None = None  # stride-0 zero leaf added to the output; receives dJ/da
+
+
+class _Point(nn.Module):
+    """Mixin placed in front of a point's own class: its forward, then Eq. 6."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        state = self._lwat
+        handle = state.handle
+        if not (self.training or handle.in_eval):
+            return out
+        signs, n = state.signs, out.shape[0]
+        usable = signs is not None and signs.shape[1:] == out.shape[1:] and n <= signs.shape[0]
+        if handle.perturb and usable:
+            rows = signs if n == signs.shape[0] else signs[:n]
+            if isinstance(self, _OUTPUT_NOT_SAVED):  # no allocation: the module's backward never reads its output
+                out = out.addcmul_(rows, state.scale)  # Eq. 6
+            else:
+                out = torch.addcmul(out, rows, state.scale)
+        if handle.capture and out.requires_grad and not (usable and n < signs.shape[0]):
+            # Eq. 5 happens in backward. Smaller batches never refresh the cache.
+            if _compile.is_compiling():  # a hook would break the graph: a sink leaf receives dJ/da
+                out = _compile.add_sink(state, out, handle.split_codes,
+                                        functools.partial(_cache_gradient, state, _layout(out)))
+            else:  # eager: a hook on the activation costs no extra pass (a sink costs an add and a copy)
+                out.register_hook(functools.partial(_cache_gradient, state, _layout(out)))
+        return out
+
+
+@functools.cache
+def _point_class(cls: type) -> type:
+    # One subclass per module class, reused, so compiled graphs are shared between instances.
+    return type(f"Perturbed{cls.__name__}", (_Point, cls), {"__module__": cls.__module__})
+
+
+def _layout(out: torch.Tensor) -> torch.memory_format:
+    channels_last = out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last and not out.is_contiguous() else torch.contiguous_format
+
+
+@torch.no_grad()
+def _cache_gradient(state: _State, layout: torch.memory_format, g: torch.Tensor) -> None:
+    # Eq. 5, run by autograd during backward with g = dJ/da at this point.
+    handle = state.handle
+    lo, hi = torch.aminmax(g)
+    spread = hi.float() - lo.float()  # fp32: an fp16 range can overflow
+    if handle.direction == "random":
+        signs = torch.empty_like(g, dtype=torch.int8).random_(0, 2).mul_(2).sub_(1)
+    else:  # int8 sign(g) without an fp32 temporary (faster than sign().to(int8) on CPU)
+        signs = g.gt(0).to(torch.int8) - g.lt(0).to(torch.int8)
+    signs = signs.contiguous(memory_format=layout)
+    if handle.scale == "range":
+        scale = spread.float().mul_(handle.eps)  # eps_l = eps * (M - m), appendix
+        if handle.grad_scale is not None:  # a GradScaler's loss scale: eps_l uses the true gradient
+            scale = scale.div_(handle.grad_scale)
+    else:
+        scale = torch.full((), handle.eps, device=g.device)
+    if handle.grad_scale is not None:
+        # Under a GradScaler an fp16 step may overflow: inf/NaN gradients, a step the scaler skips. That gradient
+        # must not poison the cache: where M - m is not finite, keep the previous signs and eps_l (with none of
+        # this shape to keep, eps_l = 0: the next pass is unperturbed). torch.where, so no host sync; it costs
+        # one pass over the int8 signs, paid only with a scaler.
+        finite = torch.isfinite(spread)
+        old = state.signs
+        if old is not None and old.shape == signs.shape and old.device == signs.device:
+            signs = torch.where(finite, signs, old)
+            scale = torch.where(finite, scale, state.scale)
+        else:
+            scale = torch.where(finite, scale, torch.zeros_like(scale))
+    state.signs, state.scale = signs, scale
+
+
 class Handle:
     """What `attach` returns: the points, their cache, and the switches of the method."""
 
@@ -125,7 +204,7 @@ class Handle:
         for module in self._modules.values():
             module._lwat = _State(self)
             module.__class__ = _point_class(type(module))
-        self.split_codes = set()  # compiled code split by the first compiled step, reset once (see _new_sink)
+        self.split_codes = set()  # compiled code the first compiled step split, dropped once (lwat/_compile.py)
 
     def detach(self) -> None:
         """Remove every point: the model is exactly the plain model again."""
@@ -171,113 +250,3 @@ class Handle:
             raise ValueError(f"cache has points {sorted(state)}, the model has {sorted(self._modules)}")
         for name, module in self._modules.items():
             module._lwat.signs, module._lwat.scale = state[name]["signs"], state[name]["scale"]
-
-
-# Modules whose backward does not read their own output, so Eq. 6 may update that output in place.
-_OUTPUT_NOT_SAVED = (nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd, nn.Linear)
-
-
-@dataclass(eq=False)
-class _State:
-    handle: Handle
-    signs: torch.Tensor | None = None  # int8 sign(dJ/da) of the previous batch, r_l in Eq. 5
-    scale: torch.Tensor | None = None  # 0-dim eps_l
-    sink: torch.Tensor | None = None  # stride-0 zero leaf added to the output; receives dJ/da
-
-
-class _Point(nn.Module):
-    """Mixin placed in front of a point's own class: its forward, then Eq. 6."""
-
-    def forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
-        state = self._lwat
-        handle = state.handle
-        if not (self.training or handle.in_eval):
-            return out
-        signs, n = state.signs, out.shape[0]
-        usable = signs is not None and signs.shape[1:] == out.shape[1:] and n <= signs.shape[0]
-        if handle.perturb and usable:
-            rows = signs if n == signs.shape[0] else signs[:n]
-            if isinstance(self, _OUTPUT_NOT_SAVED):  # no allocation: the module's backward never reads its output
-                out = out.addcmul_(rows, state.scale)  # Eq. 6
-            else:
-                out = torch.addcmul(out, rows, state.scale)
-        if handle.capture and out.requires_grad and not (usable and n < signs.shape[0]):
-            # Eq. 5 happens in backward. Smaller batches never refresh the cache.
-            if torch.compiler.is_compiling():
-                sink = state.sink
-                if sink is None or sink.shape != out.shape or sink.dtype != out.dtype:
-                    sink = _new_sink(state, out)
-                out = out + sink
-            else:  # eager: a hook on the activation costs no extra pass (a sink costs an add and a copy)
-                out.register_hook(functools.partial(_cache_gradient, state, _layout(out)))
-        return out
-
-
-@functools.cache
-def _point_class(cls: type) -> type:
-    # One subclass per module class, reused, so compiled graphs are shared between instances.
-    return type(f"Perturbed{cls.__name__}", (_Point, cls), {"__module__": cls.__module__})
-
-
-def _layout(out: torch.Tensor) -> torch.memory_format:
-    channels_last = out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last and not out.is_contiguous() else torch.contiguous_format
-
-
-@torch.compiler.disable  # a graph break, once per point and shape: see _cache_gradient
-def _new_sink(state: _State, out: torch.Tensor) -> torch.Tensor:
-    sink = out.new_zeros(()).expand(out.shape).detach().requires_grad_()
-    layout = _layout(out)
-    sink.register_post_accumulate_grad_hook(lambda leaf: _cache_gradient(state, layout, leaf.grad, leaf))
-    state.sink = sink
-    # The compiled frames now running (the model's, or whatever wrapper was compiled) were split here;
-    # remember their original code so the hook can drop them once (dynamo's map of compiled code).
-    frame, codes = inspect.currentframe(), state.handle.split_codes
-    while frame is not None:
-        original = torch._dynamo.utils.orig_code_map.get(frame.f_code)
-        if original is not None:
-            codes.add(original)
-        frame = frame.f_back
-    return sink
-
-
-@torch.no_grad()
-def _cache_gradient(state: _State, layout: torch.memory_format, g: torch.Tensor, sink=None) -> None:
-    # Eq. 5, run by autograd during backward with g = dJ/da at this point.
-    handle = state.handle
-    if sink is not None:
-        sink.grad = None
-        if handle.split_codes:
-            # The compiled forward that made the sinks was split at each point (graph breaks), and dynamo
-            # would keep running those pieces; drop that compiled code so the next step compiles whole.
-            # Runs once, in backward, outside any compiled frame.
-            for code in handle.split_codes | {_Point.forward.__code__}:
-                torch._dynamo.reset_code(code)
-            handle.split_codes.clear()
-    lo, hi = torch.aminmax(g)
-    spread = hi.float() - lo.float()  # fp32: an fp16 range can overflow
-    if handle.direction == "random":
-        signs = torch.empty_like(g, dtype=torch.int8).random_(0, 2).mul_(2).sub_(1)
-    else:  # int8 sign(g) without an fp32 temporary (faster than sign().to(int8) on CPU)
-        signs = g.gt(0).to(torch.int8) - g.lt(0).to(torch.int8)
-    signs = signs.contiguous(memory_format=layout)
-    if handle.scale == "range":
-        scale = spread.float().mul_(handle.eps)  # eps_l = eps * (M - m), appendix
-        if handle.grad_scale is not None:  # a GradScaler's loss scale: eps_l uses the true gradient
-            scale = scale.div_(handle.grad_scale)
-    else:
-        scale = torch.full((), handle.eps, device=g.device)
-    if handle.grad_scale is not None:
-        # Under a GradScaler an fp16 step may overflow: inf/NaN gradients, a step the scaler skips. That gradient
-        # must not poison the cache: where M - m is not finite, keep the previous signs and eps_l (with none of
-        # this shape to keep, eps_l = 0: the next pass is unperturbed). torch.where, so no host sync; it costs
-        # one pass over the int8 signs, paid only with a scaler.
-        finite = torch.isfinite(spread)
-        old = state.signs
-        if old is not None and old.shape == signs.shape and old.device == signs.device:
-            signs = torch.where(finite, signs, old)
-            scale = torch.where(finite, scale, state.scale)
-        else:
-            scale = torch.where(finite, scale, torch.zeros_like(scale))
-    state.signs, state.scale = signs, scale
