@@ -1,62 +1,73 @@
-"""torch.compile support for perturbation points: gradient sinks, and dropping the first step's split code.
+"""torch.compile support for perturbation points: the cache is made before dynamo traces a training pass.
 
-A tensor hook registered inside a compiled graph would break it, so under torch.compile a point's output
-also gets a *sink* added: a zero leaf expanded (stride 0, 4 bytes) to the activation's shape. Autograd
-writes dJ/da into `sink.grad`, and a post-accumulate-grad hook on that leaf, which runs in the eager autograd
-engine outside any compiled graph, hands it to perturb.py's Eq. 5 (no state is mutated from inside a
-compiled backward, which compiled silently wrong). Making a sink is one graph break per point on the first
-step; the hook then drops the compiled code that break split, so the next step compiles into one graph.
+Under torch.compile, Eq. 5 runs inside the compiled backward and overwrites each point's cache in place
+(lwat/perturb.py). A compiled graph can mutate a tensor it was given but cannot make one that outlives it,
+so a point's cache must exist, at the shape of this pass's activation, before dynamo traces the pass.
+`attach` registers `size_cache_hook` as a forward pre-hook of the attached module, and dynamo traces it
+with the module. When the inputs' shapes are those the cache was last made for (every pass but the first,
+in a fixed-shape loop), it adds nothing to the graph. Otherwise it calls `_size_cache`, which dynamo does
+not trace (one graph break, at the start of the module's forward, before any of the model's code): it runs
+the module on the meta device, where every point makes (or keeps) its cache by the rules of an eager pass,
+and records the shapes. Dynamo then compiles the module's forward as one graph, with the cache in place.
+No user code is split at a point, so modules that share one class (blocks that differ in stride or
+shortcut) are never compiled frame by frame, and no compiled code has to be dropped. What remains of that
+first pass: the frame that called the module (torch's wrapper) keeps its compiled split at the hook, so
+each later pass runs three compiled regions (that wrapper and the hook, both without any op, then the
+module's whole forward).
 
-Private torch APIs used (everything else here is public), tested on torch 2.13.0:
-- `torch._dynamo.utils.orig_code_map`: dynamo's map from the code objects it compiled to the original ones,
-  read to find which user frames (the model's forward, or a compiled wrapper) a sink's graph break split.
-- `torch._dynamo.reset_code`: drops dynamo's compiled entries of one code object, so it compiles afresh.
+A point that still finds no cache under torch.compile (activation shapes that change although the inputs'
+do not; a compiled submodule of the attached module) makes it with perturb.py's `_fit_cache`, a graph break
+at that point: correct, slower to compile.
+
+Torch APIs used: public ones (torch.compiler.is_compiling, torch.compiler.disable,
+torch.func.functional_call, the meta device) and one private module, `torch.utils._pytree` (tree_leaves,
+tree_map: the tensors inside nested inputs). Tested on torch 2.13.0.
+
+A torch 2.13 inductor behaviour this design works around (see `_Eq5` in perturb.py): when a graph input is
+read in the forward and mutated in the backward, inductor's layout optimization may hand the backward a
+channels-last copy of a 4-D input instead of the input itself, and the mutation never reaches the caller's
+tensor. The cache is therefore given to the compiled graph as one flat 1-D tensor.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
+import itertools
 
 import torch
+from torch.utils._pytree import tree_leaves, tree_map
 
 is_compiling = torch.compiler.is_compiling
 
 
-def add_sink(state, out: torch.Tensor, codes: set, on_grad: Callable[[torch.Tensor], None]) -> torch.Tensor:
-    """`out + sink`, where sink is a zero leaf (kept in `state.sink`) whose gradient goes to `on_grad`.
-
-    `codes` collects the original code of the compiled frames the sink's first graph break splits."""
-    sink = state.sink
-    if sink is None or sink.shape != out.shape or sink.dtype != out.dtype:
-        sink = _new_sink(state, out, codes, on_grad)
-    return out + sink
+def size_cache_hook(handle, module, args, kwargs) -> None:
+    """Forward pre-hook of the attached module: under torch.compile, size the cache for these inputs."""
+    if is_compiling() and (module.training or handle.in_eval) and handle.capture and torch.is_grad_enabled():
+        shapes = tuple(tuple(t.shape) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        if shapes != handle.sized_for:
+            _size_cache(handle, module, args, kwargs, shapes)
 
 
-@torch.compiler.disable  # a graph break, once per point and shape
-def _new_sink(state, out, codes, on_grad):
-    sink = out.new_zeros(()).expand(out.shape).detach().requires_grad_()
+@torch.compiler.disable  # one graph break, on the passes that must size the cache
+def _size_cache(handle, module, args, kwargs, shapes) -> None:
+    # The activations' device: the module's (its inputs' if it has no parameter or buffer).
+    first = next(itertools.chain(module.parameters(), module.buffers(),
+                                 (t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))))
+    device = first.device
 
-    def hook(leaf):  # runs in the eager autograd engine, in backward, outside any compiled frame
-        grad, leaf.grad = leaf.grad, None
-        drop_compiled(codes)
-        on_grad(grad)
+    def meta(t):
+        return t.to("meta") if isinstance(t, torch.Tensor) else t
 
-    sink.register_post_accumulate_grad_hook(hook)
-    state.sink = sink
-    # The compiled frames now running (the model's, or whatever wrapper was compiled) were split here;
-    # remember their original code so the hook can drop them once.
-    frame = inspect.currentframe()
-    while frame is not None:
-        original = torch._dynamo.utils.orig_code_map.get(frame.f_code)
-        if original is not None:
-            codes.add(original)
-        frame = frame.f_back
-    return sink
-
-
-def drop_compiled(codes: set) -> None:
-    """Drop dynamo's compiled code for `codes` (then empty it): those frames compile whole next time."""
-    for code in codes:
-        torch._dynamo.reset_code(code)
-    codes.clear()
+    state = dict(itertools.chain(module.named_parameters(remove_duplicate=False),
+                                 module.named_buffers(remove_duplicate=False)))
+    handle.sizing = device
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(module, tree_map(meta, state), tree_map(meta, args), tree_map(meta, kwargs))
+    except Exception as e:  # a model that cannot run on the meta device (.item(), custom kernels, ...)
+        raise RuntimeError(
+            f"lwat: under torch.compile the perturbation cache is sized by running {type(module).__name__} on "
+            f"the meta device, which failed: {e}. Train without torch.compile, or compile a module that "
+            "runs on the meta device.") from e
+    finally:
+        handle.sizing = None
+    handle.sized_for = shapes

@@ -8,30 +8,47 @@ gradient accumulation layers G_c). In train mode, on batch t, each point's outpu
 with eps_l = eps * (max(g) - min(g)) of that cached gradient g ("range", paper appendix) or
 eps_l = eps ("fixed"). Nothing is added to the first batch after `attach`; eval mode is untouched.
 
-How the gradient is read, and why this design (each choice keeps torch.compile correct):
+How it is built, and why (each choice keeps torch.compile correct and the step cheap):
 - A point is the module itself with its class swapped for a subclass whose `forward` adds the
-  perturbation (no module hooks: dynamo does not guard on them, so a compiled graph of a plain
-  instance would silently be reused for an attached one; it does guard on the class). The module's
+  perturbation (not a module hook: dynamo does not guard on hooks, so a compiled graph of a plain
+  instance could silently be reused for an attached one; it does guard on the class). The module's
   parameters, buffers and `state_dict()` keys stay exactly those of the plain model.
-- Eager: a tensor hook on the point's output receives dJ/da during backward and turns it into
-  int8 signs and one scale (no extra pass over the activation; Eq. 6 is one in-place addcmul_).
-- Compiled: a hook registered inside a compiled graph would break it, so the output gets a zero
-  "sink" leaf added instead, whose gradient reaches Eq. 5 in the eager autograd engine; that
-  machinery (and the private torch APIs it needs) is in `lwat/_compile.py`.
-- The cache between steps is int8 signs (1 byte per activation element, the activation's device
-  and memory format) plus one 0-dim scale per point. It is plain attributes of the module
-  instance, not parameters or buffers: DDP neither broadcasts nor averages it, so each rank
-  perturbs with its own previous batch, as in the paper.
+- The cache is one int8 buffer per point (r_l, 1 byte per activation element, in the activation's
+  memory format) and one 0-dim fp32 eps_l, made by the first training pass of each activation
+  shape and then overwritten in place. They are plain attributes of the module instance, not
+  parameters or buffers: DDP neither broadcasts nor averages them, so each rank perturbs with its
+  own previous batch, as in the paper. Until the first backward, eps_l = 0: nothing is added.
+- Eq. 6 is one in-place multiply-add on the point's output (a copy where the module's own backward
+  reads its output). Eq. 5 is the backward of an identity autograd Function placed on that output:
+  it reads dJ/da once where autograd computes it and writes the signs and eps_l into the cache, so
+  under torch.compile it is traced into the compiled backward and fused with the layer's own
+  gradient kernels. The one thing a compiled graph cannot do is make the cache; `lwat/_compile.py`
+  sizes it before dynamo traces a pass (one graph break, on the first compiled pass only).
 
-Rule for a batch whose size differs from the cached one: a smaller batch (the last one of an epoch
-without drop_last) is perturbed with the first n rows of the cached signs and does not refresh the
-cache; a larger batch or another activation shape is not perturbed and starts the cache afresh.
+Rules worth knowing (each tested in tests/test_perturb.py):
+- Batch size: a smaller batch (the last one of an epoch without drop_last) is perturbed with the
+  first n rows of the cached signs and does not refresh the cache; a larger batch or another
+  activation shape is not perturbed and starts the cache afresh (if its backward refreshes it).
+- Several passes per step: each train-mode pass is perturbed with the cache as it is when the pass
+  runs, and each backward overwrites it. Gradient accumulation (forward, backward per micro-batch)
+  therefore perturbs micro-batch k with the signs of micro-batch k-1, the previous step's last
+  micro-batch for the first one. Passes inside `handle.paused()` neither perturb nor refresh.
+- Activation checkpointing (torch.utils.checkpoint, reentrant or not): the recomputed forward adds
+  the same perturbation and the cache equals the one without checkpointing.
+- `copy.deepcopy` of an attached model (and so `torch.optim.swa_utils.AveragedModel`'s copy) is an
+  independent attached model holding a copy of the cache: in eval mode it computes the plain model;
+  in train mode it perturbs with, and refreshes, its own copy, never the original's. Averaging
+  touches parameters and buffers only, never the cache. Use `handle.detach()` before copying to
+  get a plain copy.
+- `torch.func.functional_call(model, params, x)` runs the points like a normal call: perturbed with
+  the cache, refreshed by its backward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +59,15 @@ from lwat import _compile
 SCALES = ("range", "fixed")
 DIRECTIONS = ("gradient", "random")  # "random": random signs, same eps_l (a control experiment)
 
+PointSelector = list[str] | tuple | type | Callable[[str, nn.Module], bool] | None
+
 
 def attach(
     model: nn.Module,
     eps: float,
     *,
     scale: str = "range",
-    points: list[str] | None = None,
+    points: PointSelector = None,
     depth: int | None = None,
     direction: str = "gradient",
 ) -> Handle:
@@ -62,8 +81,10 @@ def attach(
             1 / batch size, so these values are tied to that reduction and a batch of ~128).
             With scale="fixed", eps_l = eps in activation units.
         scale: "range" (paper appendix) or "fixed".
-        points: names from `model.named_modules()` after whose output to perturb. Default: every
-            BatchNorm layer; in a model with none, every Conv and every Linear except the last.
+        points: which modules' outputs to perturb: a list of names from `model.named_modules()`;
+            a module class or tuple of classes (`nn.LayerNorm`: every LayerNorm); or a callable
+            `(name, module) -> bool`. Default: every BatchNorm layer; in a model with none, every
+            Conv and every Linear except the last.
         depth: perturb only the first `depth` points (in `named_modules()` order), paper Table 6.
         direction: "gradient" (the method) or "random" (random signs with the same eps_l).
 
@@ -83,13 +104,7 @@ def attach(
     modules = dict(model.named_modules())
     if any(isinstance(m, _Point) for m in modules.values()):
         raise ValueError("model already has perturbation points attached; detach() them first")
-    names = default_points(model) if points is None else list(points)
-    unknown = [n for n in names if n not in modules]
-    if unknown:
-        raise ValueError(f"no module named {', '.join(map(repr, unknown))} in the model")
-    if not names:
-        raise ValueError(f"no perturbation point found in {type(model).__name__}: it has no "
-                         "BatchNorm, Conv or hidden Linear layer; pass points=[module names]")
+    names = select_points(model, points)
     if depth is not None:
         if not 1 <= depth <= len(names):
             raise ValueError(f"depth must be in 1..{len(names)} (the number of points), got {depth}")
@@ -108,6 +123,37 @@ def default_points(model: nn.Module) -> list[str]:
     return [n for n, _ in layers if n not in last_linear]
 
 
+def select_points(model: nn.Module, points: PointSelector = None) -> list[str]:
+    """The module names, in `named_modules()` order, that `points` selects (see `attach`).
+
+    Raises:
+        ValueError: a name that is not in the model, a selector that matches nothing, or another type.
+    """
+    named = list(model.named_modules())
+    if points is None:
+        names, what = default_points(model), "the default (BatchNorm; else Conv and hidden Linear)"
+    elif isinstance(points, (list, tuple)) and points and all(isinstance(p, str) for p in points):
+        unknown = [p for p in points if p not in dict(named)]
+        if unknown:
+            raise ValueError(f"no module named {', '.join(map(repr, unknown))} in the model")
+        return list(points)
+    elif isinstance(points, type) or (isinstance(points, tuple) and points
+                                      and all(isinstance(c, type) for c in points)):
+        names = [n for n, m in named if isinstance(m, points)]
+        what = " or ".join(c.__name__ for c in (points if isinstance(points, tuple) else (points,)))
+    elif callable(points):
+        names, what = [n for n, m in named if points(n, m)], f"the callable {getattr(points, '__name__', points)}"
+    else:
+        raise ValueError("points must be a non-empty list of module names, a module class or tuple of classes, "
+                         f"or a callable (name, module) -> bool; got {points!r}")
+    if not names:
+        raise ValueError(f"no perturbation point found in {type(model).__name__}: points={what} matches no "
+                         "module; pass points=[module names], a module class or a callable (name, module) -> bool")
+    return names
+
+
+# ---- Eq. 6: the forward pass of a point ------------------------------------------------------------
+
 # Modules whose backward does not read their own output, so Eq. 6 may update that output in place.
 _OUTPUT_NOT_SAVED = (nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd, nn.Linear)
 
@@ -115,35 +161,37 @@ _OUTPUT_NOT_SAVED = (nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd, n
 @dataclass(eq=False)
 class _State:
     handle: Handle
-    signs: torch.Tensor | None = None  # int8 sign(dJ/da) of the previous batch, r_l in Eq. 5
-    scale: torch.Tensor | None = None  # 0-dim eps_l
-    sink: torch.Tensor | None = None  # stride-0 zero leaf added to the output; receives dJ/da
+    signs: torch.Tensor | None = None  # int8 r_l = sign(dJ/da) of the previous batch (Eq. 5), activation-shaped
+    flat: torch.Tensor | None = None  # the same bytes as one 1-D tensor: what the compiled backward writes
+    scale: torch.Tensor | None = None  # 0-dim fp32 eps_l; 0 until the first backward
 
 
 class _Point(nn.Module):
-    """Mixin placed in front of a point's own class: its forward, then Eq. 6."""
+    """Mixin placed in front of a point's own class: its forward, then Eq. 6 (and Eq. 5 in backward)."""
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
         state = self._lwat
         handle = state.handle
-        if not (self.training or handle.in_eval):
+        if handle.sizing:  # lwat/_compile.py runs the model on the meta device to learn each point's shape
+            _fit_cache(state, out, handle.sizing)
             return out
-        signs, n = state.signs, out.shape[0]
-        usable = signs is not None and signs.shape[1:] == out.shape[1:] and n <= signs.shape[0]
-        if handle.perturb and usable:
-            rows = signs if n == signs.shape[0] else signs[:n]
-            if isinstance(self, _OUTPUT_NOT_SAVED):  # no allocation: the module's backward never reads its output
-                out = out.addcmul_(rows, state.scale)  # Eq. 6
-            else:
-                out = torch.addcmul(out, rows, state.scale)
-        if handle.capture and out.requires_grad and not (usable and n < signs.shape[0]):
-            # Eq. 5 happens in backward. Smaller batches never refresh the cache.
-            if _compile.is_compiling():  # a hook would break the graph: a sink leaf receives dJ/da
-                out = _compile.add_sink(state, out, handle.split_codes,
-                                        functools.partial(_cache_gradient, state, _layout(out)))
-            else:  # eager: a hook on the activation costs no extra pass (a sink costs an add and a copy)
-                out.register_hook(functools.partial(_cache_gradient, state, _layout(out)))
+        if not (self.training or handle.in_eval) or not (handle.perturb or handle.capture):
+            return out
+        capture = handle.capture and out.requires_grad
+        if not _fits(state.signs, out.shape, out.device):  # no cache of this shape: unperturbed, new cache if captured
+            if not capture:
+                return out
+            _fit_cache(state, out, out.device)
+        n, in_place = out.shape[0], isinstance(self, _OUTPUT_NOT_SAVED)
+        if handle.perturb:
+            rows = state.signs[:n].to(out.dtype)  # a smaller batch uses the first n rows
+            out = out.addcmul_(rows, state.scale) if in_place else torch.addcmul(out, rows, state.scale)  # Eq. 6
+        if capture and n == state.signs.shape[0]:  # smaller batches never refresh the cache
+            eager = None if _compile.is_compiling() else handle  # see _Eq5.backward
+            out = _Eq5.apply(out if in_place or handle.perturb else out.clone(), state.flat, state.scale,
+                             handle.loss_scale, handle.eps, handle.scale, handle.direction,
+                             _layout(state.signs), eager)
         return out
 
 
@@ -153,42 +201,88 @@ def _point_class(cls: type) -> type:
     return type(f"Perturbed{cls.__name__}", (_Point, cls), {"__module__": cls.__module__})
 
 
-def _layout(out: torch.Tensor) -> torch.memory_format:
-    channels_last = out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last and not out.is_contiguous() else torch.contiguous_format
+def _fits(signs: torch.Tensor | None, shape: torch.Size, device: torch.device) -> bool:
+    # The cache serves an output of this shape: same shape but perhaps fewer rows, same device.
+    return signs is not None and signs.shape[1:] == shape[1:] and shape[0] <= signs.shape[0] and signs.device == device
 
 
-@torch.no_grad()
-def _cache_gradient(state: _State, layout: torch.memory_format, g: torch.Tensor) -> None:
-    # Eq. 5, run by autograd during backward with g = dJ/da at this point.
-    handle = state.handle
+@torch.compiler.disable  # a compiled graph cannot make it (lwat/_compile.py makes it before dynamo traces)
+def _fit_cache(state: _State, out: torch.Tensor, device: torch.device) -> None:
+    # A new, empty cache (eps_l = 0) for an output of this shape, unless the current one serves it.
+    if _fits(state.signs, out.shape, device):
+        return
+    layout = _layout(out)
+    state.flat = torch.zeros(out.numel(), dtype=torch.int8, device=device)
+    state.signs = _unflatten(state.flat, out.shape, layout)
+    state.scale = torch.zeros((), device=device)
+    state.handle._make_loss_scale(device)
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last and not t.is_contiguous() else torch.contiguous_format
+
+
+def _unflatten(flat: torch.Tensor, shape: torch.Size, layout: torch.memory_format) -> torch.Tensor:
+    if layout == torch.channels_last:
+        n, c, h, w = shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(shape)
+
+
+# ---- Eq. 5: the backward pass of a point ------------------------------------------------------------
+
+class _Eq5(torch.autograd.Function):
+    """Identity in forward; in backward, dJ/da -> the point's cache (r_l and eps_l), in place."""
+
+    @staticmethod
+    def forward(ctx, out, flat, scale, loss_scale, eps, scale_kind, direction, layout, handle):
+        # The cache is handed over as the flat 1-D tensor: under inductor, a 4-D input mutated in the
+        # backward may be layout-converted in the forward and the mutation lost (torch 2.13; see _compile).
+        ctx.cache = flat, scale, loss_scale, eps, scale_kind, direction, layout, handle
+        ctx.mark_dirty(out)  # identity without a view: later in-place ops on the output stay legal
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        flat, scale, loss_scale, eps, scale_kind, direction, layout, handle = ctx.cache
+        if handle is None:
+            # Compiled: the graph cannot read Python state when it runs, so it divides by the handle's
+            # loss-scale tensor (which `grad_scale = ...` updates in place) and always guards against overflow.
+            grad_scale = loss_scale
+        else:  # eager: the loss scale set for this backward, None without a GradScaler
+            grad_scale = handle.grad_scale
+        with torch.no_grad():
+            _cache_gradient(g, _unflatten(flat, g.shape, layout), scale, grad_scale, eps, scale_kind, direction)
+        return g, None, None, None, None, None, None, None, None
+
+
+def _cache_gradient(g, signs, scale, grad_scale, eps, scale_kind, direction) -> None:
+    # Eq. 5, with g = dJ/da at this point: r_l = sign(g) and eps_l, written over the cache in place.
     lo, hi = torch.aminmax(g)
     spread = hi.float() - lo.float()  # fp32: an fp16 range can overflow
-    if handle.direction == "random":
-        signs = torch.empty_like(g, dtype=torch.int8).random_(0, 2).mul_(2).sub_(1)
-    else:  # int8 sign(g) without an fp32 temporary (faster than sign().to(int8) on CPU)
-        signs = g.gt(0).to(torch.int8) - g.lt(0).to(torch.int8)
-    signs = signs.contiguous(memory_format=layout)
-    if handle.scale == "range":
-        scale = spread.float().mul_(handle.eps)  # eps_l = eps * (M - m), appendix
-        if handle.grad_scale is not None:  # a GradScaler's loss scale: eps_l uses the true gradient
-            scale = scale.div_(handle.grad_scale)
+    if direction == "random":
+        new_signs = torch.randint_like(signs, 0, 2).mul_(2).sub_(1)
     else:
-        scale = torch.full((), handle.eps, device=g.device)
-    if handle.grad_scale is not None:
+        new_signs = torch.sign(g)  # (stored as int8 by the copy below; see benchmarks/point_kernels.py)
+    if scale_kind == "range":
+        new_scale = spread * eps  # eps_l = eps * (M - m), appendix
+        if grad_scale is not None:  # a GradScaler's loss scale: eps_l uses the true gradient
+            new_scale = new_scale / grad_scale
+    else:
+        new_scale = torch.full_like(spread, eps)
+    if grad_scale is not None:
         # Under a GradScaler an fp16 step may overflow: inf/NaN gradients, a step the scaler skips. That gradient
-        # must not poison the cache: where M - m is not finite, keep the previous signs and eps_l (with none of
-        # this shape to keep, eps_l = 0: the next pass is unperturbed). torch.where, so no host sync; it costs
-        # one pass over the int8 signs, paid only with a scaler.
+        # must not poison the cache: where M - m is not finite, keep the previous signs and eps_l (with none
+        # captured yet, eps_l stays 0: the next pass is unperturbed). torch.where, so no host sync.
         finite = torch.isfinite(spread)
-        old = state.signs
-        if old is not None and old.shape == signs.shape and old.device == signs.device:
-            signs = torch.where(finite, signs, old)
-            scale = torch.where(finite, scale, state.scale)
-        else:
-            scale = torch.where(finite, scale, torch.zeros_like(scale))
-    state.signs, state.scale = signs, scale
+        new_signs = torch.where(finite, new_signs, signs)
+        new_scale = torch.where(finite, new_scale, scale)
+    signs.copy_(new_signs)
+    scale.copy_(new_scale)
 
+
+# ---- The handle ------------------------------------------------------------------------------------
 
 class Handle:
     """What `attach` returns: the points, their cache, and the switches of the method."""
@@ -196,15 +290,39 @@ class Handle:
     def __init__(self, model, named_modules, eps, scale, direction):
         self.eps, self.scale, self.direction = eps, scale, direction
         self.points = [n for n, _ in named_modules]
-        self.grad_scale = None  # a GradScaler's scale tensor: the cache then uses unscaled gradients
+        self._grad_scale = None  # see the grad_scale property
+        self.loss_scale = None  # grad_scale as a 0-dim fp32 tensor on the cache's device (1 without a scaler)
         self.perturb = True  # add eps_l * r_l in this pass
         self.capture = True  # refresh the cache from this pass's gradient
         self.in_eval = False  # also act in eval mode (test-time attack, paper Section 3.3)
+        self.sizing = None  # a device while lwat/_compile.py sizes the cache (meta pass)
+        self.sized_for = None  # the input shapes the cache was last sized for under torch.compile
         self._modules = dict(named_modules)
         for module in self._modules.values():
             module._lwat = _State(self)
             module.__class__ = _point_class(type(module))
-        self.split_codes = set()  # compiled code the first compiled step split, dropped once (lwat/_compile.py)
+        self._hook = model.register_forward_pre_hook(functools.partial(_compile.size_cache_hook, self),
+                                                     with_kwargs=True)
+
+    @property
+    def grad_scale(self) -> torch.Tensor | None:
+        """A GradScaler's loss scale as a tensor (`scaler.scale(torch.ones(()))`), set before each backward,
+        so eps_l comes from the unscaled gradient; None (default) without a scaler."""
+        return self._grad_scale
+
+    @grad_scale.setter
+    def grad_scale(self, value: torch.Tensor | None) -> None:
+        self._grad_scale = value
+        if self.loss_scale is not None:
+            # In place, and through .data so no autograd version counter moves: a compiled backward of a
+            # forward that ran before this assignment reads the value when it runs.
+            self.loss_scale.data.copy_(1.0 if value is None else value)
+
+    def _make_loss_scale(self, device: torch.device) -> None:
+        if self.loss_scale is None or self.loss_scale.device != device:
+            self.loss_scale = torch.ones((), device=device)
+            if self._grad_scale is not None:
+                self.loss_scale.copy_(self._grad_scale)
 
     def detach(self) -> None:
         """Remove every point: the model is exactly the plain model again."""
@@ -212,6 +330,7 @@ class Handle:
             module.__class__ = type(module).__bases__[1]
             del module._lwat
         self._modules = {}
+        self._hook.remove()
 
     @contextlib.contextmanager
     def paused(self, capture: bool = False):
@@ -238,15 +357,30 @@ class Handle:
     def reset(self) -> None:
         """Forget the cache: the next pass is unperturbed, like the first batch after attach."""
         for module in self._modules.values():
-            module._lwat.signs = module._lwat.scale = None
+            module._lwat.signs = module._lwat.flat = module._lwat.scale = None
+        self.sized_for = None
 
     def state_dict(self) -> dict:
-        """The cache, for checkpoints: {point name: {"signs": int8 tensor, "scale": 0-dim tensor}}."""
-        return {n: {"signs": m._lwat.signs, "scale": m._lwat.scale} for n, m in self._modules.items()}
+        """A copy of the cache, for checkpoints: {point name: {"signs": int8 tensor, "scale": 0-dim tensor}}.
+
+        Both are None for a point that has not run a training pass yet."""
+        def copy(t):
+            return None if t is None else t.clone(memory_format=torch.preserve_format)
+        return {n: {"signs": copy(m._lwat.signs), "scale": copy(m._lwat.scale)} for n, m in self._modules.items()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a cache saved by `state_dict()`; the next train pass is perturbed with it."""
         if set(state) != set(self._modules):
             raise ValueError(f"cache has points {sorted(state)}, the model has {sorted(self._modules)}")
         for name, module in self._modules.items():
-            module._lwat.signs, module._lwat.scale = state[name]["signs"], state[name]["scale"]
+            signs, scale = state[name]["signs"], state[name]["scale"]
+            cache = module._lwat
+            if signs is None:
+                cache.signs = cache.flat = cache.scale = None
+                continue
+            layout = _layout(signs)
+            cache.flat = torch.empty(signs.numel(), dtype=torch.int8, device=signs.device)
+            cache.signs = _unflatten(cache.flat, signs.shape, layout)
+            cache.signs.copy_(signs)
+            cache.scale = scale.detach().clone().float()
+        self.sized_for = None

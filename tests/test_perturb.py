@@ -272,12 +272,50 @@ def test_explicit_points_and_depth():
     assert type(model.blocks[1].bn) is nn.BatchNorm2d
 
 
+def test_points_by_class_and_by_callable():
+    model = Nested()
+    assert lwat.attach(model, 1.0, points=nn.BatchNorm2d).points == ["stem_bn", "blocks.0.bn", "blocks.1.bn"]
+    cases = [
+        ((nn.Conv2d, nn.Linear), ["stem", "blocks.0.conv", "blocks.1.conv", "head"]),
+        (lambda name, module: name.startswith("blocks.1"), ["blocks.1", "blocks.1.conv", "blocks.1.bn"]),
+        (("stem", "head"), ["stem", "head"]),  # a tuple of names, like a list
+    ]
+    for selector, expect in cases:
+        assert lwat.attach(Nested(), 1.0, points=selector).points == expect
+
+
+def layer_norm_mlp():
+    return nn.Sequential(nn.Linear(12, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 8), nn.LayerNorm(8), nn.Tanh(),
+                         nn.Linear(8, 5))
+
+
+def test_layer_norm_points_match_the_reference(device):
+    """points=nn.LayerNorm (a transformer's recipe) runs Algorithm 1 after every LayerNorm, as written by hand."""
+    torch.manual_seed(0)
+    net = layer_norm_mlp().to(device)
+    data = batches(3, (8, 12), device=device)
+    model, handle, outs = lwat_run(net, data, 10.0, "range", points=nn.LayerNorm)
+    assert handle.points == ["1", "4"]
+    ref_outs, ref_r, ref_eps = reference_run(net, ["1", "4"], data, 10.0, "range")
+    for o, ro in zip(outs, ref_outs):
+        torch.testing.assert_close(o, ro, rtol=1e-5, atol=1e-5)
+    for p in handle.points:
+        assert torch.equal(handle.state_dict()[p]["signs"].float(), ref_r[p])
+        torch.testing.assert_close(handle.state_dict()[p]["scale"], ref_eps[p])
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(eps=-1.0), "eps"),
     (dict(eps=1.0, scale="max"), "unknown scale 'max'"),
     (dict(eps=1.0, points=["stem", "nope"]), "no module named 'nope'"),
     (dict(eps=1.0, depth=4), "depth must be in 1..3"),
     (dict(eps=1.0, direction="up"), "unknown direction"),
+    (dict(eps=1.0, points=nn.LayerNorm), "no perturbation point found in Nested: points=LayerNorm matches no module"),
+    (dict(eps=1.0, points=lambda n, m: False), "points=the callable <lambda> matches no module"),
+    (dict(eps=1.0, points="stem"), "points must be a non-empty list of module names"),
+    (dict(eps=1.0, points=[]), "points must be a non-empty list of module names"),
+    (dict(eps=1.0, points=3), "points must be"),
+    (dict(eps=1.0, points=(nn.Conv2d, "stem")), "points must be"),
 ])
 def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -381,11 +419,15 @@ def test_compiled_equals_eager(plain_first, device):
     for p, v in handle.state_dict().items():
         assert torch.equal(v["signs"], eager_handle.state_dict()[p]["signs"])
         torch.testing.assert_close(v["scale"], eager_handle.state_dict()[p]["scale"])
-    with torch.profiler.profile() as prof:  # the forward is one compiled region: the first step's split code is gone
+    with torch.profiler.profile() as prof:  # the model's forward runs as one compiled graph: no point splits it
         out = compiled(data[0][0])
     F.cross_entropy(out, data[0][1]).backward()
-    regions = [e.name for e in prof.events() if e.name.startswith("Torch-Compiled Region")]
-    assert len(regions) == 1, regions
+    events = prof.events()
+    regions = [e for e in events if e.name.startswith("Torch-Compiled Region")]
+    convs = [e for e in events if e.name in ("aten::convolution", "aten::mkldnn_convolution", "aten::cudnn_convolution")]
+    holding = {r.name for c in convs for r in regions
+               if r.time_range.start <= c.time_range.start and c.time_range.end <= r.time_range.end}
+    assert len(convs) >= 2 and len(holding) == 1, (holding, [r.name for r in regions])
     handle.detach()  # after detach, the compiled attached instance computes the plain model again
     plain.load_state_dict(model.state_dict())
     torch.testing.assert_close(compiled(data[0][0]), plain(data[0][0]), rtol=1e-5, atol=1e-6)
