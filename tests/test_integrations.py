@@ -85,7 +85,7 @@ def test_lwat_imports_without_the_frameworks():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "refused: lightning"
+    assert proc.stdout.strip().startswith("refused: lightning")  # the callback module needs Lightning
 
 
 @pytest.mark.parametrize("script, args", [

@@ -95,9 +95,9 @@ CASES = {  # name: (Trainer arguments, callback arguments, points (named in the 
                              None),
     "bf16-mixed": ({"precision": "bf16-mixed"}, {"points": LAYERNORMS}, LAYERNORMS, torch.bfloat16),
     # Lightning turns precision="16-mixed" on CPU into bf16, so the fp16 plugin is given explicitly: real fp16
-    # autocast and a real GradScaler (loss scale 2**16), as on a GPU.
-    "16-mixed": ({"plugins": [MixedPrecision("16-mixed", "cpu")]}, {"module": "net"}, ["0", "3"],
-                 torch.float16),
+    # autocast and a real GradScaler (its default loss scale 2**16), as on a GPU.
+    "16-mixed": ({"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]},
+                 {"module": "net"}, ["0", "3"], torch.float16),
 }
 
 
@@ -170,6 +170,22 @@ def test_mistakes_are_one_line_errors_and_leave_the_model_plain(args, message):
     with pytest.raises(ValueError, match=message):
         trainer([lat], max_steps=1).fit(model, loader())
     assert lat.handle is None and [type(m) for m in model.net][:2] == [nn.Linear, nn.LayerNorm]
+
+
+class Failing(Net):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 2:
+            raise RuntimeError("data error")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_fit_that_raises_leaves_the_plain_model_and_its_last_cache():
+    model, lat = Failing(), LayerwiseAdversarialTraining(EPS, points=LAYERNORMS)
+    record = Recorder(lat)
+    with pytest.raises(RuntimeError, match="data error"):
+        trainer([lat, record], max_epochs=1).fit(model, loader())
+    assert lat.handle is None and [type(m) for m in model.net][:2] == [nn.Linear, nn.LayerNorm]
+    assert_same_cache(lat.state_dict()["ranks"][0], record.batches[1]["after"])
 
 
 @needs_class_points
