@@ -3,17 +3,17 @@
 Under torch.compile, Eq. 5 runs inside the compiled backward and overwrites each point's cache in place
 (lwat/perturb.py). A compiled graph can mutate a tensor it was given but cannot make one that outlives it,
 so a point's cache must exist, at the shape of this pass's activation, before dynamo traces the pass.
-`attach` registers `size_cache_hook` as a forward pre-hook of the attached module, and dynamo traces it
-with the module. When the inputs' shapes are those the cache was last made for (every pass but the first,
-in a fixed-shape loop), it adds nothing to the graph. Otherwise it calls `_size_cache`, which dynamo does
-not trace (one graph break, at the start of the module's forward, before any of the model's code): it runs
-the module on the meta device, where every point makes (or keeps) its cache by the rules of an eager pass,
-and records the shapes. Dynamo then compiles the module's forward as one graph, with the cache in place.
-No user code is split at a point, so modules that share one class (blocks that differ in stride or
-shortcut) are never compiled frame by frame, and no compiled code has to be dropped. What remains of that
-first pass: the frame that called the module (torch's wrapper) keeps its compiled split at the hook, so
-each later pass runs three compiled regions (that wrapper and the hook, both without any op, then the
-module's whole forward).
+`attach` therefore also puts `_Sizing` in front of the attached module's class (as it puts `_Point` in front
+of each point's). Dynamo traces its forward with the module: when the inputs' shapes are those the cache was
+last made for (every pass but the first, in a fixed-shape loop), it adds nothing to the graph. Otherwise it
+calls `_size_cache`, which dynamo does not trace (one graph break, at the start of the module's forward,
+before any of the model's code): it runs the module on the meta device, where every point makes (or keeps)
+its cache by the rules of an eager pass, and records the shapes. The next pass compiles the module's forward
+as one graph with the cache in place. No user code is split at a point, so modules that share one class
+(blocks that differ in stride or shortcut) are never compiled frame by frame, and no compiled code has to
+be dropped. What remains of the first pass: the frame that called the module (torch's wrapper, or
+`Module._call_impl` after `model.compile()`) keeps its code split at the module's forward, guarded on the
+attached module's class; each later pass runs that empty region, then the module's forward in one graph.
 
 A point that still finds no cache under torch.compile (activation shapes that change although the inputs'
 do not; a compiled submodule of the attached module) makes it with perturb.py's `_fit_cache`, a graph break
@@ -31,20 +31,34 @@ tensor. The cache is therefore given to the compiled graph as one flat 1-D tenso
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 is_compiling = torch.compiler.is_compiling
 
 
-def size_cache_hook(handle, module, args, kwargs) -> None:
-    """Forward pre-hook of the attached module: under torch.compile, size the cache for these inputs."""
-    if is_compiling() and (module.training or handle.in_eval) and handle.capture and torch.is_grad_enabled():
-        shapes = tuple(tuple(t.shape) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
-        if shapes != handle.sized_for:
-            _size_cache(handle, module, args, kwargs, shapes)
+class _Sizing(nn.Module):
+    """Mixin placed in front of the attached module's own class: under torch.compile, its forward first sizes
+    the cache for these inputs (a class, not a forward pre-hook: dynamo guards on a module's class, not on its
+    hooks, so compiled code that made the cache for an attached module is never reused for a plain one)."""
+
+    def forward(self, *args, **kwargs):
+        handle = self._lwat_handle
+        if is_compiling() and (self.training or handle.in_eval) and handle.capture and torch.is_grad_enabled():
+            shapes = tuple(tuple(t.shape) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+            if shapes != handle.sized_for:
+                _size_cache(handle, self, args, kwargs, shapes)
+        return super().forward(*args, **kwargs)
+
+
+@functools.cache
+def sizing_class(cls: type) -> type:
+    """`cls` behind `_Sizing`, under the same name (so frameworks that record a model's class name see it)."""
+    return type(cls.__name__, (_Sizing, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 @torch.compiler.disable  # one graph break, on the passes that must size the cache

@@ -166,6 +166,17 @@ class _State:
     scale: torch.Tensor | None = None  # 0-dim fp32 eps_l; 0 until the first backward
 
 
+# Kernels, chosen side by side (benchmarks/point_kernels.py: ResNet-20's 19 points at batch 128, CPU, 2 threads).
+# Eq. 6 casts the int8 signs to the activation's dtype first on the CPU only: there an elementwise op with an
+# int8 operand and an fp32 output runs a scalar casting loop, slower than a vectorized cast into a temporary
+# plus a same-dtype addcmul_ (best of 21: 74 vs 30 ms). A CUDA kernel casts in registers, so there the
+# mixed-dtype addcmul_ stays one pass and one launch (not measured: no GPU was lent). Eq. 5 is aminmax, then
+# sign() copied into the int8 cache: 5x faster than the comparisons it replaced (gt - lt, five kernels), as
+# fast here as one torch.compile'd kernel doing both (which would compile once per activation shape), and
+# faster than torch._foreach_* over all points (a loop on the CPU). Under torch.compile all of it fuses into
+# the layer's own kernels.
+
+
 class _Point(nn.Module):
     """Mixin placed in front of a point's own class: its forward, then Eq. 6 (and Eq. 5 in backward)."""
 
@@ -185,7 +196,9 @@ class _Point(nn.Module):
             _fit_cache(state, out, out.device)
         n, in_place = out.shape[0], isinstance(self, _OUTPUT_NOT_SAVED)
         if handle.perturb:
-            rows = state.signs[:n].to(out.dtype)  # a smaller batch uses the first n rows
+            rows = state.signs[:n]  # a smaller batch uses the first n rows
+            if out.device.type == "cpu":  # see Kernels above
+                rows = rows.to(out.dtype)
             out = out.addcmul_(rows, state.scale) if in_place else torch.addcmul(out, rows, state.scale)  # Eq. 6
         if capture and n == state.signs.shape[0]:  # smaller batches never refresh the cache
             eager = None if _compile.is_compiling() else handle  # see _Eq5.backward
@@ -301,8 +314,10 @@ class Handle:
         for module in self._modules.values():
             module._lwat = _State(self)
             module.__class__ = _point_class(type(module))
-        self._hook = model.register_forward_pre_hook(functools.partial(_compile.size_cache_hook, self),
-                                                     with_kwargs=True)
+        # The attached module itself sizes the cache before dynamo traces a pass (lwat/_compile.py).
+        self._model, self._model_class = model, type(model)
+        model._lwat_handle = self
+        model.__class__ = _compile.sizing_class(type(model))
 
     @property
     def grad_scale(self) -> torch.Tensor | None:
@@ -326,11 +341,14 @@ class Handle:
 
     def detach(self) -> None:
         """Remove every point: the model is exactly the plain model again."""
+        if not self._modules:  # detached already
+            return
+        self._model.__class__ = self._model_class
+        del self._model._lwat_handle
         for module in self._modules.values():
             module.__class__ = type(module).__bases__[1]
             del module._lwat
         self._modules = {}
-        self._hook.remove()
 
     @contextlib.contextmanager
     def paused(self, capture: bool = False):
