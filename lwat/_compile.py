@@ -50,7 +50,7 @@ class _Sizing(nn.Module):
         handle = self._lwat_handle
         if is_compiling() and (self.training or handle.in_eval) and handle.capture and torch.is_grad_enabled():
             shapes = tuple(tuple(t.shape) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
-            if shapes != handle.sized_for:
+            if shapes != handle._sized_for:
                 _size_cache(handle, self, args, kwargs, shapes)
         return super().forward(*args, **kwargs)
 
@@ -73,7 +73,7 @@ def _size_cache(handle, module, args, kwargs, shapes) -> None:
 
     state = dict(itertools.chain(module.named_parameters(remove_duplicate=False),
                                  module.named_buffers(remove_duplicate=False)))
-    handle.sizing = device
+    handle._sizing = device
     try:
         with torch.no_grad():
             torch.func.functional_call(module, tree_map(meta, state), tree_map(meta, args), tree_map(meta, kwargs))
@@ -83,5 +83,5 @@ def _size_cache(handle, module, args, kwargs, shapes) -> None:
             f"the meta device, which failed: {e}. Train without torch.compile, or compile a module that "
             "runs on the meta device.") from e
     finally:
-        handle.sizing = None
-    handle.sized_for = shapes
+        handle._sizing = None
+    handle._sized_for = shapes

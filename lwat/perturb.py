@@ -23,9 +23,10 @@ How it is built, and why (each choice keeps torch.compile correct and the step c
   it reads dJ/da once where autograd computes it and writes the signs and eps_l into the cache, so
   under torch.compile it is traced into the compiled backward and fused with the layer's own
   gradient kernels. The one thing a compiled graph cannot do is make the cache; `lwat/_compile.py`
-  sizes it before dynamo traces a pass (one graph break, on the first compiled pass only).
+  sizes it before dynamo traces a pass (one graph break, on the first compiled pass of each input
+  shape). `loss.backward()` and `torch.autograd.grad(loss, ...)` both refresh the cache.
 
-Rules worth knowing (each tested in tests/test_perturb.py):
+Rules worth knowing (tested in tests/test_perturb.py and tests/test_perturb_semantics.py):
 - Batch size: a smaller batch (the last one of an epoch without drop_last) is perturbed with the
   first n rows of the cached signs and does not refresh the cache; a larger batch or another
   activation shape is not perturbed and starts the cache afresh (if its backward refreshes it).
@@ -33,8 +34,8 @@ Rules worth knowing (each tested in tests/test_perturb.py):
   runs, and each backward overwrites it. Gradient accumulation (forward, backward per micro-batch)
   therefore perturbs micro-batch k with the signs of micro-batch k-1, the previous step's last
   micro-batch for the first one. Passes inside `handle.paused()` neither perturb nor refresh.
-- Activation checkpointing (torch.utils.checkpoint, reentrant or not): the recomputed forward adds
-  the same perturbation and the cache equals the one without checkpointing.
+- Activation checkpointing (torch.utils.checkpoint, reentrant or not): outputs, gradients and the
+  cache equal those without checkpointing.
 - `copy.deepcopy` of an attached model (and so `torch.optim.swa_utils.AveragedModel`'s copy) is an
   independent attached model holding a copy of the cache: in eval mode it computes the plain model;
   in train mode it perturbs with, and refreshes, its own copy, never the original's. Averaging
@@ -164,6 +165,7 @@ class _State:
     signs: torch.Tensor | None = None  # int8 r_l = sign(dJ/da) of the previous batch (Eq. 5), activation-shaped
     flat: torch.Tensor | None = None  # the same bytes as one 1-D tensor: what the compiled backward writes
     scale: torch.Tensor | None = None  # 0-dim fp32 eps_l; 0 until the first backward
+    layout: torch.memory_format = torch.contiguous_format  # of signs (that of the activation)
 
 
 # Kernels, chosen side by side (benchmarks/point_kernels.py: ResNet-20's 19 points at batch 128, CPU, 2 threads).
@@ -184,8 +186,8 @@ class _Point(nn.Module):
         out = super().forward(*args, **kwargs)
         state = self._lwat
         handle = state.handle
-        if handle.sizing:  # lwat/_compile.py runs the model on the meta device to learn each point's shape
-            _fit_cache(state, out, handle.sizing)
+        if handle._sizing:  # lwat/_compile.py runs the model on the meta device to learn each point's shape
+            _fit_cache(state, out, handle._sizing)
             return out
         if not (self.training or handle.in_eval) or not (handle.perturb or handle.capture):
             return out
@@ -203,8 +205,8 @@ class _Point(nn.Module):
         if capture and n == state.signs.shape[0]:  # smaller batches never refresh the cache
             eager = None if _compile.is_compiling() else handle  # see _Eq5.backward
             out = _Eq5.apply(out if in_place or handle.perturb else out.clone(), state.flat, state.scale,
-                             handle.loss_scale, handle.eps, handle.scale, handle.direction,
-                             _layout(state.signs), eager)
+                             handle._loss_scale, handle.eps, handle.scale, handle.direction,
+                             state.layout, eager)
         return out
 
 
@@ -222,11 +224,13 @@ def _fits(signs: torch.Tensor | None, shape: torch.Size, device: torch.device) -
 @torch.compiler.disable  # a compiled graph cannot make it (lwat/_compile.py makes it before dynamo traces)
 def _fit_cache(state: _State, out: torch.Tensor, device: torch.device) -> None:
     # A new, empty cache (eps_l = 0) for an output of this shape, unless the current one serves it.
-    if _fits(state.signs, out.shape, device):
-        return
-    layout = _layout(out)
-    state.flat = torch.zeros(out.numel(), dtype=torch.int8, device=device)
-    state.signs = _unflatten(state.flat, out.shape, layout)
+    if not _fits(state.signs, out.shape, device):
+        _new_cache(state, out.shape, _layout(out), device)
+
+
+def _new_cache(state: _State, shape: torch.Size, layout: torch.memory_format, device: torch.device) -> None:
+    state.flat = torch.zeros(shape.numel(), dtype=torch.int8, device=device)
+    state.signs, state.layout = _unflatten(state.flat, shape, layout), layout
     state.scale = torch.zeros((), device=device)
     state.handle._make_loss_scale(device)
 
@@ -304,12 +308,12 @@ class Handle:
         self.eps, self.scale, self.direction = eps, scale, direction
         self.points = [n for n, _ in named_modules]
         self._grad_scale = None  # see the grad_scale property
-        self.loss_scale = None  # grad_scale as a 0-dim fp32 tensor on the cache's device (1 without a scaler)
+        self._loss_scale = None  # grad_scale as a 0-dim fp32 tensor on the cache's device (1 without a scaler)
         self.perturb = True  # add eps_l * r_l in this pass
         self.capture = True  # refresh the cache from this pass's gradient
         self.in_eval = False  # also act in eval mode (test-time attack, paper Section 3.3)
-        self.sizing = None  # a device while lwat/_compile.py sizes the cache (meta pass)
-        self.sized_for = None  # the input shapes the cache was last sized for under torch.compile
+        self._sizing = None  # a device while lwat/_compile.py sizes the cache (meta pass)
+        self._sized_for = None  # the input shapes the cache was last sized for under torch.compile
         self._modules = dict(named_modules)
         for module in self._modules.values():
             module._lwat = _State(self)
@@ -328,16 +332,16 @@ class Handle:
     @grad_scale.setter
     def grad_scale(self, value: torch.Tensor | None) -> None:
         self._grad_scale = value
-        if self.loss_scale is not None:
+        if self._loss_scale is not None:
             # In place, and through .data so no autograd version counter moves: a compiled backward of a
             # forward that ran before this assignment reads the value when it runs.
-            self.loss_scale.data.copy_(1.0 if value is None else value)
+            self._loss_scale.data.copy_(1.0 if value is None else value)
 
     def _make_loss_scale(self, device: torch.device) -> None:
-        if self.loss_scale is None or self.loss_scale.device != device:
-            self.loss_scale = torch.ones((), device=device)
+        if self._loss_scale is None or self._loss_scale.device != device:
+            self._loss_scale = torch.ones((), device=device)
             if self._grad_scale is not None:
-                self.loss_scale.copy_(self._grad_scale)
+                self._loss_scale.copy_(self._grad_scale)
 
     def detach(self) -> None:
         """Remove every point: the model is exactly the plain model again."""
@@ -376,7 +380,7 @@ class Handle:
         """Forget the cache: the next pass is unperturbed, like the first batch after attach."""
         for module in self._modules.values():
             module._lwat.signs = module._lwat.flat = module._lwat.scale = None
-        self.sized_for = None
+        self._sized_for = None
 
     def state_dict(self) -> dict:
         """A copy of the cache, for checkpoints: {point name: {"signs": int8 tensor, "scale": 0-dim tensor}}.
@@ -396,9 +400,7 @@ class Handle:
             if signs is None:
                 cache.signs = cache.flat = cache.scale = None
                 continue
-            layout = _layout(signs)
-            cache.flat = torch.empty(signs.numel(), dtype=torch.int8, device=signs.device)
-            cache.signs = _unflatten(cache.flat, signs.shape, layout)
+            _new_cache(cache, signs.shape, _layout(signs), signs.device)
             cache.signs.copy_(signs)
-            cache.scale = scale.detach().clone().float()
-        self.sized_for = None
+            cache.scale.copy_(scale)
+        self._sized_for = None

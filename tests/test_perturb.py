@@ -240,6 +240,28 @@ def test_smaller_batch_uses_first_rows_and_larger_batch_restarts(device):
     assert handle.state_dict()["1"]["signs"].shape[0] == 16  # ... and the cache starts afresh
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_autograd_grad_refreshes_the_cache_like_backward(compiled, device):
+    torch.manual_seed(0)
+    net = conv_bn_net().to(device)
+    (x, y), = batches(1, (8, 3, 8, 8), device=device)
+    caches = []
+    for use_grad in (False, True):
+        torch._dynamo.reset()
+        model = copy.deepcopy(net)
+        handle = lwat.attach(model, 10.0)
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        loss = F.cross_entropy(run(x), y)
+        if use_grad:
+            torch.autograd.grad(loss, list(model.parameters()))
+        else:
+            loss.backward()
+        caches.append(handle.state_dict())
+    for p in caches[0]:
+        assert torch.equal(caches[0][p]["signs"], caches[1][p]["signs"]) and caches[1][p]["signs"].any(), p
+        assert torch.equal(caches[0][p]["scale"], caches[1][p]["scale"]), p
+
+
 def test_default_points_for_user_models():
     assert lwat.default_points(conv_bn_net()) == ["1", "4"]
     assert lwat.default_points(tanh_mlp()) == ["1", "3"]
@@ -386,14 +408,42 @@ def test_grad_scale_leaves_eps_l_unchanged(device):
     torch.testing.assert_close(scales[0], scales[1])
 
 
+def test_the_overflow_rule_reads_the_gradient_range_not_eps_l(device):
+    """Under a loss scale, only a gradient whose range M - m is not finite (an fp16 step the scaler skips) keeps the
+    previous cache. Here the gradient is finite but eps_l = eps * (M - m) overflows fp32: the cache takes this
+    gradient's signs and that eps_l. (A defect once read the finiteness of eps_l instead, through an alias:
+    `.float()` of an fp32 tensor is the tensor itself.)"""
+    torch.manual_seed(0)
+    net = tanh_mlp().to(device)
+    model = copy.deepcopy(net)
+    handle = lwat.attach(model, 1e40, points=["1"])
+    handle.grad_scale = torch.tensor(2.0, device=device)
+    (x, y), = batches(1, (8, 12), device=device)
+    (2.0 * F.cross_entropy(model(x), y)).backward()
+    seen = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        seen.append(out)
+
+    net[1].register_forward_hook(keep)
+    F.cross_entropy(net(x), y).backward()  # the unscaled reference dJ/da on a plain copy
+    g = seen[0].grad
+    assert torch.isfinite(g.max() - g.min())
+    cache = handle.state_dict()["1"]
+    assert torch.equal(cache["signs"], torch.sign(g).to(torch.int8))
+    assert cache["scale"] == torch.tensor(1e40, dtype=torch.float32) * (g.max() - g.min()) == float("inf")
+
+
 # ---- torch.compile: compiled must equal eager, including beside a compiled plain instance --------
 
-@pytest.mark.parametrize("plain_first", [True, False])
-def test_compiled_equals_eager(plain_first, device):
+@pytest.mark.parametrize("plain_first,layout", [(True, torch.contiguous_format), (False, torch.contiguous_format),
+                                                 (False, torch.channels_last)])
+def test_compiled_equals_eager(plain_first, layout, device):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    net = conv_bn_net().to(device)
-    data = batches(4, (8, 3, 8, 8), device=device)
+    net = conv_bn_net().to(device, memory_format=layout)
+    data = [(x.contiguous(memory_format=layout), y) for x, y in batches(4, (8, 3, 8, 8), device=device)]
     plain = copy.deepcopy(net)
     compiled_plain = torch.compile(plain)
     if plain_first:  # the graph of a plain instance of the same class exists before the attached one
