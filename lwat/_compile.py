@@ -55,6 +55,15 @@ class _Sizing(nn.Module):
         return super().forward(*args, **kwargs)
 
 
+def may_overflow(handle, out: torch.Tensor) -> bool:
+    """Whether a compiled backward must guard the cache against an overflowed gradient (a step the GradScaler
+    skips): decided when dynamo traces the forward, so from what is known then (a loss scale set already, or an
+    fp16 autocast, the one precision that needs a GradScaler). The guard costs the compiled backward a pass of
+    its own (the signs may be written only once M - m is known to be finite), so it is left out otherwise."""
+    return handle.grad_scale is not None or (
+        torch.is_autocast_enabled(out.device.type) and torch.get_autocast_dtype(out.device.type) == torch.float16)
+
+
 @functools.cache
 def sizing_class(cls: type) -> type:
     """`cls` behind `_Sizing`, under the same name (so frameworks that record a model's class name see it)."""

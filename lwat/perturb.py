@@ -187,7 +187,9 @@ class _Point(nn.Module):
         state = self._lwat
         handle = state.handle
         if handle._sizing:  # lwat/_compile.py runs the model on the meta device to learn each point's shape
-            _fit_cache(state, out, handle._sizing)
+            # Inductor keeps a conv net's 4-D activations channels-last on the CPU: a cache in that layout is
+            # read and written contiguously by the compiled kernels (the eager layout would be gathered).
+            _fit_cache(state, out, handle._sizing, torch.channels_last if out.dim() == 4 else torch.contiguous_format)
             return out
         if not (self.training or handle.in_eval) or not (handle.perturb or handle.capture):
             return out
@@ -195,7 +197,7 @@ class _Point(nn.Module):
         if not _fits(state.signs, out.shape, out.device):  # no cache of this shape: unperturbed, new cache if captured
             if not capture:
                 return out
-            _fit_cache(state, out, out.device)
+            _fit_cache(state, out, out.device, _layout(out))
         n, in_place = out.shape[0], isinstance(self, _OUTPUT_NOT_SAVED)
         if handle.perturb:
             rows = state.signs[:n]  # a smaller batch uses the first n rows
@@ -203,10 +205,9 @@ class _Point(nn.Module):
                 rows = rows.to(out.dtype)
             out = out.addcmul_(rows, state.scale) if in_place else torch.addcmul(out, rows, state.scale)  # Eq. 6
         if capture and n == state.signs.shape[0]:  # smaller batches never refresh the cache
-            eager = None if _compile.is_compiling() else handle  # see _Eq5.backward
             out = _Eq5.apply(out if in_place or handle.perturb else out.clone(), state.flat, state.scale,
-                             handle._loss_scale, handle.eps, handle.scale, handle.direction,
-                             state.layout, eager)
+                             handle._loss_scale, handle.eps, handle.scale, handle.direction, state.layout,
+                             None if _compile.is_compiling() else handle, _compile.may_overflow(handle, out))
         return out
 
 
@@ -222,10 +223,16 @@ def _fits(signs: torch.Tensor | None, shape: torch.Size, device: torch.device) -
 
 
 @torch.compiler.disable  # a compiled graph cannot make it (lwat/_compile.py makes it before dynamo traces)
-def _fit_cache(state: _State, out: torch.Tensor, device: torch.device) -> None:
-    # A new, empty cache (eps_l = 0) for an output of this shape, unless the current one serves it.
+def _fit_cache(state: _State, out: torch.Tensor, device: torch.device, layout: torch.memory_format) -> None:
+    # A new, empty cache (eps_l = 0) for an output of this shape, unless the current one serves it; sizing for
+    # torch.compile may also ask for another layout of the same values.
     if not _fits(state.signs, out.shape, device):
-        _new_cache(state, out.shape, _layout(out), device)
+        _new_cache(state, out.shape, layout, device)
+    elif state.layout != layout:
+        signs, scale = state.signs, state.scale
+        _new_cache(state, signs.shape, layout, device)
+        state.signs.copy_(signs)
+        state.scale.copy_(scale)
 
 
 def _new_cache(state: _State, shape: torch.Size, layout: torch.memory_format, device: torch.device) -> None:
@@ -253,30 +260,39 @@ class _Eq5(torch.autograd.Function):
     """Identity in forward; in backward, dJ/da -> the point's cache (r_l and eps_l), in place."""
 
     @staticmethod
-    def forward(ctx, out, flat, scale, loss_scale, eps, scale_kind, direction, layout, handle):
+    def forward(ctx, out, flat, scale, loss_scale, eps, scale_kind, direction, layout, handle, may_overflow):
         # The cache is handed over as the flat 1-D tensor: under inductor, a 4-D input mutated in the
         # backward may be layout-converted in the forward and the mutation lost (torch 2.13; see _compile).
-        ctx.cache = flat, scale, loss_scale, eps, scale_kind, direction, layout, handle
+        ctx.cache = flat, scale, loss_scale, eps, scale_kind, direction, layout, handle, may_overflow
         ctx.mark_dirty(out)  # identity without a view: later in-place ops on the output stay legal
         return out
 
     @staticmethod
     def backward(ctx, g):
-        flat, scale, loss_scale, eps, scale_kind, direction, layout, handle = ctx.cache
+        flat, scale, loss_scale, eps, scale_kind, direction, layout, handle, may_overflow = ctx.cache
         if handle is None:
-            # Compiled: the graph cannot read Python state when it runs, so it divides by the handle's
-            # loss-scale tensor (which `grad_scale = ...` updates in place) and always guards against overflow.
-            grad_scale = loss_scale
+            # Compiled: the graph cannot read Python state when it runs. It divides by the handle's loss-scale
+            # tensor (which `grad_scale = ...` updates in place; 1 without a scaler), and guards against an
+            # overflow where one may happen (see _compile.may_overflow).
+            grad_scale, guard = loss_scale, may_overflow
         else:  # eager: the loss scale set for this backward, None without a GradScaler
             grad_scale = handle.grad_scale
+            guard = grad_scale is not None
         with torch.no_grad():
-            _cache_gradient(g, _unflatten(flat, g.shape, layout), scale, grad_scale, eps, scale_kind, direction)
-        return g, None, None, None, None, None, None, None, None
+            _cache_gradient(g, _unflatten(flat, g.shape, layout), scale, grad_scale, guard, eps, scale_kind,
+                            direction)
+        return g, None, None, None, None, None, None, None, None, None
 
 
-def _cache_gradient(g, signs, scale, grad_scale, eps, scale_kind, direction) -> None:
+def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction) -> None:
     # Eq. 5, with g = dJ/da at this point: r_l = sign(g) and eps_l, written over the cache in place.
-    lo, hi = torch.aminmax(g)
+    if _compile.is_compiling() and g.dim() > 2:
+        # Per channel first: the same loops as a BatchNorm's own backward reductions, so inductor fuses them
+        # (one pass over g, not two); min and max are exact, so the range is the same.
+        per_channel = [d for d in range(g.dim()) if d != 1]
+        lo, hi = g.amin(per_channel).amin(), g.amax(per_channel).amax()
+    else:
+        lo, hi = torch.aminmax(g)
     spread = hi.float() - lo.float()  # fp32: an fp16 range can overflow
     if direction == "random":
         new_signs = torch.randint_like(signs, 0, 2).mul_(2).sub_(1)
@@ -288,7 +304,7 @@ def _cache_gradient(g, signs, scale, grad_scale, eps, scale_kind, direction) -> 
             new_scale = new_scale / grad_scale
     else:
         new_scale = torch.full_like(spread, eps)
-    if grad_scale is not None:
+    if guard:
         # Under a GradScaler an fp16 step may overflow: inf/NaN gradients, a step the scaler skips. That gradient
         # must not poison the cache: where M - m is not finite, keep the previous signs and eps_l (with none
         # captured yet, eps_l stays 0: the next pass is unperturbed). torch.where, so no host sync.

@@ -108,18 +108,20 @@ def reference_run(model, points, data, eps, scale, lr=0.1):
     return outputs, r, eps_l
 
 
+def sgd_step(model, opt, x, y):
+    """One training step; returns the (detached) logits."""
+    opt.zero_grad()
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    opt.step()
+    return out.detach()
+
+
 def lwat_run(model, data, eps, scale, lr=0.1, **kw):
     model = copy.deepcopy(model)
     handle = lwat.attach(model, eps, scale=scale, **kw)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    outputs = []
-    for x, y in data:
-        opt.zero_grad()
-        out = model(x)
-        F.cross_entropy(out, y).backward()
-        opt.step()
-        outputs.append(out.detach())
-    return model, handle, outputs
+    return model, handle, [sgd_step(model, opt, x, y) for x, y in data]
 
 
 @pytest.mark.parametrize("scale,eps", [("range", 10.0), ("fixed", 0.3)])
@@ -533,15 +535,54 @@ def test_compiled_plain_and_attached_resnet_side_by_side_is_quiet_and_exact(devi
     with caplog.at_level(logging.WARNING, logger="torch._dynamo"), torch._dynamo.config.patch(recompile_limit=3):
         for x, y in data:
             for name, pair in runs.items():  # plain, then lat, in turn
-                outs = []
-                for model, opt in pair:
-                    opt.zero_grad()
-                    out = model(x)
-                    F.cross_entropy(out, y).backward()
-                    opt.step()
-                    outs.append(out.detach())
+                outs = [sgd_step(model, opt, x, y) for model, opt in pair]
                 torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("torch._dynamo")]
     plain_out, lat_out = runs["plain"][1][0](data[0][0]), runs["lat"][1][0](data[0][0])
     assert not torch.allclose(plain_out, lat_out, atol=1e-3)  # the attached model is perturbed
+    torch._dynamo.reset()
+
+
+def test_compiled_cache_under_fp16_and_a_grad_scaler(device):
+    """torch.compile with fp16 autocast and a GradScaler, run as the trainer runs it (the loss scale is handed to
+    the handle after the forward): eps_l comes from the unscaled gradient, as in eager mode, and a step whose
+    gradient overflows (the scaler skips it) leaves the cache as it was."""
+    from lwat.config import TrainConfig
+    from lwat.methods import get_method
+    from lwat.train import make_passes
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = conv_bn_net().to(device)
+    data = batches(3, (8, 3, 8, 8), device=device)
+    runs = []
+    for compiled in (False, True):
+        model = copy.deepcopy(net)
+        handle = lwat.attach(model, 10.0)
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 8)
+        step_model = torch.compile(model, backend="aot_eager") if compiled else model
+        run = make_passes(step_model, handle, amp="fp16", device_type=device.type, scaler=scaler)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def step(x, y, step_model=step_model, handle=handle, scaler=scaler, run=run, opt=opt):
+            opt.zero_grad()
+            get_method("lat").step(step_model, handle, x, y, TrainConfig(), run)
+            scaler.step(opt)
+            scaler.update()
+        runs.append((step, handle, scaler))
+    for x, y in data[:2]:
+        for step, _, _ in runs:
+            step(x, y)
+        (eager, compiled) = (r[1].state_dict() for r in runs)
+        for p in eager:
+            assert (eager[p]["signs"] == compiled[p]["signs"]).float().mean() > 0.99, p
+            torch.testing.assert_close(compiled[p]["scale"], eager[p]["scale"], rtol=1e-3, atol=0)
+            assert 0 < eager[p]["scale"] < 1  # about eps * (M - m) of the unscaled gradient, not 2**8 times that
+    step, handle, scaler = runs[1]
+    before = handle.state_dict()
+    scaler.update(new_scale=2.0 ** 24)  # dJ/dlogits x 2^24 overflows fp16
+    step(*data[2])
+    assert scaler.get_scale() == 2.0 ** 23  # the step was skipped
+    for p, c in handle.state_dict().items():
+        assert torch.equal(c["signs"], before[p]["signs"]) and torch.equal(c["scale"], before[p]["scale"]), p
     torch._dynamo.reset()
