@@ -50,6 +50,19 @@ def eq6_addcmul_cast(out, signs, scale):
     out.addcmul_(signs.to(out.dtype), scale)  # int8 -> fp32 temporary, then a same-dtype addcmul_
 
 
+SLICE = 1 << 18  # elements per slice in the sliced variants (whole rows): the fp32 temporary (1 MiB) stays in cache
+
+
+def row_slices(t, *others):
+    rows = max(1, SLICE * t.shape[0] // t.numel())
+    return zip(t.split(rows), *(o.split(rows) for o in others))
+
+
+def eq6_sliced(out, signs, scale):
+    for o, s in row_slices(out, signs):
+        o.addcmul_(s.to(o.dtype), scale)
+
+
 def eq6_add_mul(out, signs, scale):
     out.add_(signs * scale)  # int8 * 0-dim fp32 -> fp32 temporary, then add_
 
@@ -73,6 +86,22 @@ def eq5_sign_to(g, buf):
 def eq5_sign_into(g, buf):
     lo, hi = torch.aminmax(g)
     return buf.copy_(torch.sign(g)), lo, hi  # int8 written into last step's buffer (no fresh int8 tensor)
+
+
+def eq5_sliced(g, buf):
+    lo, hi = torch.aminmax(g)
+    for x, b in row_slices(g, buf):
+        b.copy_(torch.sign(x))
+    return buf, lo, hi
+
+
+def eq5_sliced_range(g, buf):
+    ranges = []
+    for x, b in row_slices(g, buf):
+        ranges.append(torch.stack(torch.aminmax(x)))  # the slice is in cache: its range costs no memory pass
+        b.copy_(torch.sign(x))
+    ranges = torch.stack(ranges)
+    return buf, ranges[:, 0].min(), ranges[:, 1].max()
 
 
 def eq5_gt_lt_into(g, buf):
@@ -125,12 +154,15 @@ def run(args, device):
         "Eq. 6": {
             "out.addcmul_(int8 signs, scale)": eq6(eq6_addcmul_int8),
             "out.addcmul_(signs.to(dtype), scale)": eq6(eq6_addcmul_cast),
+            "the same in slices of 256K elements": eq6(eq6_sliced),
             "out.add_(signs * scale)": eq6(eq6_add_mul),
         },
         "Eq. 5": {
             "aminmax; gt(0).to(int8) - lt(0).to(int8)": eq5(eq5_gt_lt),
             "aminmax; sign().to(int8)": eq5(eq5_sign_to),
             "aminmax; int8 buffer.copy_(sign())": eq5(eq5_sign_into),
+            "the same in slices of 256K elements": eq5(eq5_sliced),
+            "the same, range per slice too": eq5(eq5_sliced_range),
             "aminmax; gt(0, out=int8 buffer) - lt(0)": eq5(eq5_gt_lt_into),
             "torch._foreach_* over all points": lambda: foreach_eq5(grads, signs),
         },
@@ -169,12 +201,12 @@ def check(outs, grads, signs, scale, jobs, compiled):
     """Every variant computes what the reference computes (on copies; nothing is timed here)."""
     o, s, x = outs[0].clone(), signs[0], grads[0]
     expect = o + s.float() * scale
-    for fn in (eq6_addcmul_int8, eq6_addcmul_cast, eq6_add_mul, *([compiled["eq6_fused"]] if compiled else [])):
+    for fn in (eq6_addcmul_int8, eq6_addcmul_cast, eq6_sliced, eq6_add_mul, *([compiled["eq6_fused"]] if compiled else [])):
         got = o.clone()
         fn(got, s, scale)
         torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
     ref = (torch.sign(x).to(torch.int8), x.min(), x.max())
-    for fn in (eq5_gt_lt, eq5_sign_to, eq5_sign_into, eq5_gt_lt_into):
+    for fn in (eq5_gt_lt, eq5_sign_to, eq5_sign_into, eq5_sliced, eq5_sliced_range, eq5_gt_lt_into):
         got = fn(x, torch.empty_like(s))
         assert torch.equal(got[0], ref[0]) and got[1] == ref[1] and got[2] == ref[2], fn.__name__
     fe = foreach_eq5([x], [s])

@@ -168,15 +168,18 @@ class _State:
     layout: torch.memory_format = torch.contiguous_format  # of signs (that of the activation)
 
 
-# Kernels, chosen side by side (benchmarks/point_kernels.py: ResNet-20's 19 points at batch 128, CPU, 2 threads).
-# Eq. 6 casts the int8 signs to the activation's dtype first on the CPU only: there an elementwise op with an
-# int8 operand and an fp32 output runs a scalar casting loop, slower than a vectorized cast into a temporary
-# plus a same-dtype addcmul_ (best of 21: 74 vs 30 ms). A CUDA kernel casts in registers, so there the
-# mixed-dtype addcmul_ stays one pass and one launch (not measured: no GPU was lent). Eq. 5 is aminmax, then
-# sign() copied into the int8 cache: 5x faster than the comparisons it replaced (gt - lt, five kernels), as
-# fast here as one torch.compile'd kernel doing both (which would compile once per activation shape), and
-# faster than torch._foreach_* over all points (a loop on the CPU). Under torch.compile all of it fuses into
-# the layer's own kernels.
+# Kernels, chosen side by side (benchmarks/point_kernels.py: ResNet-20's 19 points at batch 128, 24.1M elements,
+# CPU, 2 threads, best of 21; README "Cost"). Eq. 6 casts the int8 signs to the activation's dtype first on the
+# CPU only: there an elementwise op with an int8 operand and an fp32 output runs a scalar casting loop, slower
+# than a vectorized cast into a temporary plus a same-dtype addcmul_ (14.7 vs 11.6 ms). A CUDA kernel casts in
+# registers, so there the mixed-dtype addcmul_ stays one pass and one launch (not measured: no GPU was lent).
+# Eq. 5 is aminmax, then sign() copied into the int8 cache (9.2 ms): fewer passes than the comparisons it
+# replaced (gt - lt, five kernels, 26.0 ms) and torch._foreach_* over all points (a loop on the CPU, 38.3 ms).
+# A torch.compile'd kernel per job (5.7 and 5.2 ms) or 1 MiB slices that keep the fp32 temporaries in cache
+# (6.8 and 7.9 ms) are faster alone, but slices gained nothing measurable in whole training steps (two
+# alternating runs, lat/baseline 1.095 vs 1.061 and 1.134 vs 1.152), and a compiled kernel in eager mode would
+# compile once per activation shape and need a C++ compiler. Under torch.compile all of it fuses into the
+# layer's own kernels.
 
 
 class _Point(nn.Module):
