@@ -176,10 +176,10 @@ class _State:
 # Eq. 5 is aminmax, then sign() copied into the int8 cache (9.2 ms): fewer passes than the comparisons it
 # replaced (gt - lt, five kernels, 26.0 ms) and torch._foreach_* over all points (a loop on the CPU, 38.3 ms).
 # A torch.compile'd kernel per job (5.7 and 5.2 ms) or 1 MiB slices that keep the fp32 temporaries in cache
-# (6.8 and 7.9 ms) are faster alone, but slices gained nothing measurable in whole training steps (two
-# alternating runs, lat/baseline 1.095 vs 1.061 and 1.134 vs 1.152), and a compiled kernel in eager mode would
-# compile once per activation shape and need a C++ compiler. Under torch.compile all of it fuses into the
-# layer's own kernels.
+# (6.8 and 7.9 ms) are faster alone; but slices gained nothing measurable in whole training steps (a one-off
+# A/B, lat/baseline with and without slices 1.095 vs 1.061, then 1.134 vs 1.152: within this shared machine's
+# noise), and a compiled kernel in eager mode would compile once per activation shape and need a C++ compiler.
+# Under torch.compile all of it fuses into the layer's own kernels.
 
 
 class _Point(nn.Module):
