@@ -37,7 +37,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
-    from lwat.train import CONFIG, train
+    from lwat.rundir import CONFIG
+    from lwat.train import train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -63,7 +64,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lwat.train import evaluate_run
+    from lwat.rundir import evaluate_run
 
     result = evaluate_run(args.run, eps_list=args.eps, attack=args.attack, device=args.device,
                           batch_size=args.batch_size, data_dir=args.data_dir)
@@ -131,11 +132,13 @@ def make_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
+    from lwat.evaluate import FGSM_EPS
+
     p = sub.add_parser("eval", help="clean and adversarial accuracy of a trained run",
                        description="Clean accuracy and accuracy under an attack at several eps on the test set; "
                                    "prints a table and writes eval.json beside the checkpoint.")
     p.add_argument("run", metavar="RUN_DIR_OR_CKPT")
-    p.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.02, 0.04, 0.06, 0.08, 0.1],
+    p.add_argument("--eps", type=float, nargs="+", default=list(FGSM_EPS),
                    help="attack strengths, pixel units of [0, 1] images (default: the paper's Table 4 values)")
     p.add_argument("--attack", choices=["fgsm", "pgd"], default="fgsm", help="attack (default: fgsm)")
     p.add_argument("--batch-size", type=int, default=500, help="images per batch (default: 500)")
@@ -156,18 +159,19 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="one of the paper's analyses on trained runs (PNG, CSV, JSON)",
                        description="strength (Table 1) and tsne (Figure 1) take one run; jacobian (Figure 2), "
-                                   "transfer (Table 2, with --target), depth (Table 6) and curves (Figure 3) "
-                                   "take several.")
+                                   "transfer (Table 2, with --target), robustness (Table 4, from the runs' eval.json: "
+                                   "run lwat eval first), depth (Table 6) and curves (Figure 3) take several.")
     p.add_argument("name", choices=sorted(ANALYSES))
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="output directory (default: FIRST_RUN/analysis)")
     p.add_argument("--eps", type=float, nargs="+",
                    help="eps values (strength, tsne: activation units at the points, and pixel units for the "
-                        "input attacks; transfer: pixel units); default: the paper's")
+                        "input attacks; transfer, robustness: pixel units); default: the paper's (robustness: every "
+                        "eps in eval.json)")
     p.add_argument("--limit", type=int, help="use only the first LIMIT test images (default: all)")
     p.add_argument("--target", help="transfer: the run whose model classifies the attacked images")
     p.add_argument("--baseline", help="depth: a baseline run, drawn as a horizontal line")
-    p.add_argument("--classes", type=int, nargs=2, default=[0, 1], help="tsne: two class indices (default: 0 1)")
+    p.add_argument("--classes", type=int, nargs=2, help="tsne: two class indices (default: 0 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.set_defaults(func=cmd_analyze)
 

@@ -26,6 +26,7 @@ from lwat.config import TrainConfig
 from lwat.data import CIFAR
 from lwat.models import VGG16_POOL_BN_DEPTHS
 from lwat.models.common import CIFAR10_STD
+from lwat.rundir import machine
 
 SCALES = {
     "smoke": "tiny synthetic data (random class prototypes plus noise, 32x32; half of its training images), "
@@ -201,14 +202,6 @@ class Analysis:
     options: tuple[tuple[str, object], ...] = ()  # keyword arguments of the analysis' compute()
     limit: int | None = None  # use the first `limit` test images
 
-    @property
-    def needs_model(self) -> bool:
-        return self.kind in ("strength", "tsne", "jacobian", "transfer")
-
-    @property
-    def needs_eval(self) -> bool:  # reads the runs' eval.json
-        return self.kind == "robustness"
-
     def all_groups(self) -> tuple[str, ...]:
         extra = tuple(g for g in (self.target, self.baseline) if g and g not in self.groups)
         return self.groups + extra
@@ -381,7 +374,7 @@ def _plan_table4(plan, data, seeds, device):
         plan.evaluations.append(Evaluation(group, FGSM_EPS + STANDARDIZED_EPS))
     readings = (("pixel units", 1.0), ("standardized units", INPUT_STD))  # eps as read: pixel eps = eps x scale
     plan.analyses.append(Analysis("table4-robustness", "robustness", tuple(TABLE4_METHODS), seeds="all",
-                                  options=(("readings", readings), ("eps", FGSM_EPS))))
+                                  options=(("readings", readings), ("eps_list", FGSM_EPS))))
     plan.notes.append("No augmentation, no dropout. FGSM at test time on the whole test set; training time is the "
                       "ratio of images per second (from the logs) to the baseline's.")
 
@@ -813,17 +806,12 @@ def _render_table4(res: Results) -> list[str]:
         return stats([100 * r.eval["accuracy"][f"{e:g}"] for r in res.finished(group)
                       if r.eval and f"{e:g}" in r.eval.get("accuracy", {})])
 
-    def machine(r):
-        """Where a run's speed was measured: the GPU's name, or the number of torch threads on CPU."""
-        host = r.host or {}
-        return host.get("gpu") or (host.get("threads") and f"CPU, {host['threads']} torch threads")
-
     def time_ratios(group):
         """[(runs, baseline's mean images/s over the method's, machine)] for each machine on which both ran,
         the machine with the most such runs first."""
         found = []
-        for m in {machine(r) for r in res.finished(group)} - {None}:
-            mine, base = ([r.metrics["images_per_s"] for r in res.finished(g) if machine(r) == m]
+        for m in {machine(r.host) for r in res.finished(group)} - {None}:
+            mine, base = ([r.metrics["images_per_s"] for r in res.finished(g) if machine(r.host) == m]
                           for g in (group, "baseline"))
             if mine and base:
                 found.append((len(mine) + len(base), stats(base)[0] / stats(mine)[0], m))

@@ -90,7 +90,6 @@ def test_parameter_and_batchnorm_counts(name):
 
 def test_wrn28_10_matches_paper_size():
     model = build_model("wrn28_10")
-    print(f"wrn28_10: {n_params(model):,} parameters")
     assert round(n_params(model) / 1e6, 1) == 36.5  # paper Table 7
     assert n_params(model) == 36_479_194  # reference WRN-28-10
     assert len(batchnorms(model)) == 25
@@ -115,9 +114,9 @@ def test_mlp_tanh_structure_and_digits_size():
 
 
 def test_vgg_dropout_layout():
-    drops = [m.p for m in vgg16_bn(width=0.25).modules() if isinstance(m, nn.Dropout)]
+    drops = [m.p for m in vgg16_bn(width=0.25, dropout=True).modules() if isinstance(m, nn.Dropout)]
     assert drops == [0.3] + [0.4] * 7 + [0.5, 0.5]  # cifar.torch vgg_bn_drop.lua
-    no_drop = vgg16_bn(width=0.25, dropout=False)
+    no_drop = vgg16_bn(width=0.25)  # the default, as TrainConfig's
     assert not [m for m in no_drop.modules() if isinstance(m, nn.Dropout)]
     with pytest.raises(TypeError):
         vgg16_bn(dropout=0.5)
@@ -125,8 +124,8 @@ def test_vgg_dropout_layout():
 
 def test_vgg_pool_depths():
     assert list(VGG16_POOL_BN_DEPTHS) == [2, 4, 7, 10, 13]  # Table 6: conv1 to pool1..pool5
+    assert vgg_pool_depths(vgg16_bn(width=0.25, dropout=True)) == [2, 4, 7, 10, 13]
     assert vgg_pool_depths(vgg16_bn(width=0.25)) == [2, 4, 7, 10, 13]
-    assert vgg_pool_depths(vgg16_bn(width=0.25, dropout=False)) == [2, 4, 7, 10, 13]
 
 
 def test_normalize_matches_reference():

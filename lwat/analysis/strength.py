@@ -17,6 +17,7 @@ from torch import nn
 
 from lwat.analysis import _plot
 from lwat.evaluate import accuracy, layerwise_attack_accuracy
+from lwat.rundir import load_run
 
 # row key -> legend text
 KINDS = {
@@ -51,6 +52,16 @@ def compute(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Sequen
         acc["random"].append(layerwise_attack_accuracy(model, x, y, e, points=points, direction="random",
                                                        seed=seed, **common))
     return {"eps": [float(e) for e in eps_list], "accuracy": acc, "labels": dict(KINDS)}
+
+
+NEEDS = "model"  # one trained model and its test set
+
+
+def from_runs(runs: list, *, test, device="cpu", **options) -> dict:
+    """`compute` on the model of one run (`lwat.analysis.runs` dispatches here)."""
+    if len(runs) != 1:
+        raise ValueError("analyze strength: takes one run")
+    return compute(load_run(runs[0][1].dir, device)[0], *test, **options)
 
 
 def to_rows(result: dict) -> list[dict]:
