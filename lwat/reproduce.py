@@ -2,8 +2,8 @@
 OUT/REPORT.md with our numbers beside the paper's.
 
 Layout of OUT (default results/<scale>):
-    runs/<name>-<hash>/   one training: config.json, log.jsonl, metrics.json (lwat.train), eval.json (evaluate_run),
-                          host.json (the machine that finished it), checkpoint.pt and reproduce.lock (git-ignored)
+    runs/<name>-<hash>/   one training (lwat.rundir): config.json, host.json, log.jsonl, metrics.json, eval.json;
+                          checkpoint.pt, checkpoint.prev.pt and reproduce.lock are git-ignored
     analysis/<name>.json  an analysis' rows per seed and the runs they came from; <name>.png its plot
     REPORT.md             every preset with results here, scale, data, hardware and wall time stated
 
@@ -23,7 +23,6 @@ import fcntl
 import hashlib
 import json
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,12 +32,12 @@ from lwat.analysis.runs import compute as compute_analysis
 from lwat.analysis.runs import lacks, report_rows
 from lwat.config import ConfigError, TrainConfig, resolve_device
 from lwat.data import DataError
-from lwat.presets import (
-    PAPER, PRESETS, SCALES, Plan, Results, RunResult, Training, data_identity, data_label, get_preset, resolve_data,
-)
-from lwat.rundir import (
-    CONFIG, EVAL, HOST, LOCK, LOG, METRICS, evaluate_run, has_checkpoint, host_info, machine, read_json, read_log,
-    write_json,
+from lwat.paper import report
+from lwat.paper.plan import SCALES, Plan, Training, data_identity, resolve_data
+from lwat.paper.results import Results, RunResult
+from lwat.presets import PRESETS, get_preset
+from lwat.rundir import (  # noqa: F401  (host_info: re-exported for scripts)
+    CONFIG, LOCK, METRICS, discard_start, evaluate_run, has_checkpoint, host_info, read_json, read_run, write_json,
 )
 from lwat.train import TrainingError, train
 
@@ -160,9 +159,7 @@ def ensure_trained(training: Training, root: Path, index: dict, *, progress: str
                 if saved.data_dir != cfg.data_dir:  # made elsewhere: the same data (same identity) lies here
                     write_json(run / CONFIG, saved.replace(data_dir=cfg.data_dir).to_dict())
             elif in_place:  # ours, killed before its first checkpoint: nothing to keep
-                for name in (CONFIG, LOG):
-                    with contextlib.suppress(FileNotFoundError):
-                        (run / name).unlink()
+                discard_start(run)
             result = train(cfg, run, resume=resume, progress=progress)
     except _Busy as e:
         return f"busy: {e}", run
@@ -183,15 +180,9 @@ def run_result(training: Training, index: dict) -> RunResult:
     run, state = find_run(index, training)
     if state == "missing":
         return RunResult(training, "not run yet" if training.available else "not run (no data)")
-    cfg = TrainConfig.from_file(run / CONFIG)
-    log = read_log(run) if (run / LOG).exists() else []
-    result = RunResult(training, state, run, cfg, log=log, has_checkpoint=has_checkpoint(run))
-    if state == "finished":
-        result.metrics = read_json(run / METRICS)
-        result.eval = read_json(run / EVAL)
-        result.host = read_json(run / HOST)
-    else:
-        result.status = f"unfinished (epoch {len(log)} of {cfg.epochs})"
+    result = RunResult(training, state, **vars(read_run(run)))
+    if state != "finished":
+        result.status = f"unfinished (epoch {len(result.log)} of {result.config.epochs})"
     return result
 
 
@@ -344,59 +335,6 @@ def _compute(job, inputs: dict[str, RunResult], device: str, cache: dict):
 # The report
 
 
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-
-
-def _train_seconds(runs) -> float:
-    return sum(sum(rec.get("seconds", 0.0) for rec in r.log or []) for r in runs)
-
-
-def _hardware(runs) -> str:
-    counts = Counter(machine(r.host) or f"{(r.metrics or {}).get('device', '?')} (machine not recorded)" for r in runs)
-    return "; ".join(f"{what}: {n} run{'s' * (n != 1)}" for what, n in counts.items()) or "no run finished"
-
-
-def _setup(res: Results) -> list[str]:
-    plan = res.plan
-    if plan.skipped:
-        return [f"- **Not run at {plan.scale} scale:** {plan.skipped}"]
-    cfgs = [t.config for t in plan.trainings]
-    models = ", ".join(dict.fromkeys(f"{c.model} (width {c.width:g})" for c in cfgs))
-    data = []
-    for group, runs in res.runs.items():
-        done = [r for r in runs if r.config is not None]
-        t = runs[0].training
-        label = (data_label(done[0].config.dataset, done[0].config.data_dir) if done
-                 else data_label(t.config.dataset, t.config.data_dir) + ("" if t.available else ": not given"))
-        data.append(label)
-    subsets = ", ".join(dict.fromkeys(f"{c.train_subset:,} (class-balanced subset)" if c.train_subset else "all"
-                                      for c in cfgs))
-    schedule = ", ".join(dict.fromkeys(f"{c.epochs} epochs, batch {c.batch_size}, lr {c.lr:g} / {c.lr_drop_factor:g} "
-                                       f"every {c.lr_drop_every}" for c in cfgs))
-    aug = ", ".join(dict.fromkeys(" + ".join([n for n, on in (("flip", c.flip), ("crop", c.crop)) if on]) or "none"
-                                  for c in cfgs))
-    eps = ", ".join(dict.fromkeys(f"{c.eps:g} ({c.scale} scaling)" for c in cfgs))
-    finished = [r for runs in res.runs.values() for r in runs if r.finished]
-    return [f"- Models: {models}",
-            f"- Data: {', '.join(dict.fromkeys(data))}; training images: {subsets}",
-            f"- Training: {schedule}; augmentation: {aug}; SGD with Nesterov momentum 0.9, weight decay "
-            f"{cfgs[0].weight_decay:g}; layerwise eps {eps}",
-            f"- Seeds: {plan.seeds} planned per row; {len(finished)} of {len(plan.trainings)} planned trainings "
-            f"finished (rows average every finished seed, n below)",
-            f"- Wall time (the logs' training seconds, evaluation excluded): {_hours(_train_seconds(finished))}; "
-            f"hardware: {_hardware(finished)}"]
-
-
-def render_section(res: Results) -> list[str]:
-    """The report section of one preset: caption, setup, notes, tables with the paper's numbers, claims, plots."""
-    preset = PRESETS[res.plan.preset]
-    lines = [f"## {preset.name}: {preset.title}", "", f"> Paper, {PAPER[preset.name]['caption']}", ""]
-    lines += _setup(res) + [""]
-    lines += [f"Note: {n}" for n in res.plan.notes] + ([""] if res.plan.notes else [])
-    return lines + preset.render(res) + [""]
-
-
 def write_report(out, scale: str, *, targets=(), seeds: int | None = None, data: dict | None = None,
                  device: str = "auto", command: str | None = None) -> Path:
     """Write OUT/REPORT.md from what is on disk (nothing is trained or computed).
@@ -425,27 +363,11 @@ def write_report(out, scale: str, *, targets=(), seeds: int | None = None, data:
         found = [r for runs in res.runs.values() for r in runs if r.dir is not None]
         if name not in targets and not found:
             continue
-        sections += render_section(res)
+        sections += report.section(preset, res)
         for r in found:
             if r.finished:
                 used[r.dir] = r
-    runs = list(used.values())
-    labels = sorted({data_label(r.config.dataset, r.config.data_dir) for r in runs})
-    lines = ["# Reproduction of Sankaranarayanan et al., \"Regularizing deep networks using efficient layerwise "
-             "adversarial training\" (AAAI 2018)", "",
-             f"- Scale: **{scale}**: {SCALES[scale]}."]
-    if command:
-        lines.append(f"- Command: `{command}`")
-    missing = [f"{s.label.split(' (')[0]} not given: only finished runs found under runs/ are reported"
-               for s in data.values() if not s.available]
-    lines += [f"- Data: {'; '.join(labels + missing) or 'no run finished yet'}",
-              f"- Finished trainings: {len(runs)}; wall time summed from their logs: {_hours(_train_seconds(runs))}",
-              f"- Hardware: {_hardware(runs)}",
-              "- Our numbers are mean ± sample std over seeds (n = seeds); the paper's are copied from its text. "
-              "Claims are computed from the numbers below, so they may say no.", ""]
-    if scale == "smoke":
-        lines += ["**Smoke scale: the numbers below only show that every step runs; they say nothing about the "
-                  "paper.**", ""]
+    lines = report.header(scale, list(used.values()), data, command)
     path = out / REPORT
     out.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines + sections).rstrip() + "\n")
