@@ -29,7 +29,7 @@ from pathlib import Path
 
 from lwat.analysis import get_analysis
 from lwat.analysis.runs import compute as compute_analysis
-from lwat.analysis.runs import lacks, report_rows
+from lwat.analysis.runs import lacks, report_rows, version
 from lwat.config import ConfigError, TrainConfig, resolve_device
 from lwat.data import DataError
 from lwat.paper import report
@@ -287,8 +287,8 @@ def _analyze(res: Results, out: Path, device: str, cache: dict, say: Callable[[s
             if inputs is None:
                 continue
             entry = stored["seeds"].get(key)
-            if entry and entry["runs"] == _ids(inputs, job):
-                continue
+            if entry and entry["runs"] == _ids(inputs, job) and entry.get("version", 1) >= version(job.kind):
+                continue  # up to date (an older version's rows stay until the runs' checkpoints allow a new one)
             why = _lacks(job, inputs)
             if why:
                 say(f"analysis {job.name} ({key}): {why}")
@@ -299,7 +299,8 @@ def _analyze(res: Results, out: Path, device: str, cache: dict, say: Callable[[s
             except DataError as e:
                 say(f"analysis {job.name} ({key}): no data ({e})")
                 continue
-            stored["seeds"][key] = {"runs": _ids(inputs, job), "rows": report_rows(job.kind, result)}
+            stored["seeds"][key] = {"runs": _ids(inputs, job), "rows": report_rows(job.kind, result),
+                                    "version": version(job.kind)}
             path.parent.mkdir(parents=True, exist_ok=True)
             if key == min(stored["seeds"], key=_seed_order):  # the plot shows the first seed
                 get_analysis(job.kind).plot(result, path.with_suffix(".png"))

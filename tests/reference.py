@@ -63,3 +63,23 @@ def previous_batch_predictions(model, x, y, eps, points, batch_size, input_only=
         for h in handles:
             h.remove()
     return torch.cat(preds)
+
+
+def random_input_predictions(model, x, eps, batch_size, seed):
+    """Random signs at the input by hand: the first batch clean; after each batch (but a smaller last one) new signs
+    randint(0, 2) * 2 - 1 of its shape from the global generator seeded with `seed`, on the model's device; a batch
+    is x + eps * signs (first rows), clipped to [0, 1]."""
+    device = next(model.parameters()).device
+    preds, signs = [], None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(device).float() / 255
+            usable = signs is not None and len(xb) <= len(signs)
+            if usable:
+                xb = (xb + eps * signs[:len(xb)]).clamp(0, 1)
+            with torch.no_grad():
+                preds.append(model(xb).argmax(1))
+            if not (usable and len(xb) < len(signs)):
+                signs = torch.randint(0, 2, xb.shape, device=device) * 2 - 1
+    return torch.cat(preds)

@@ -13,7 +13,8 @@ import lwat
 from lwat.analysis import curves, depth, get_analysis, jacobian, robustness, strength, transfer, tsne
 from lwat.data import synthetic_dataset
 from lwat.models import build_model
-from reference import clean_predictions, fgsm_predictions, fraction, previous_batch_predictions
+from reference import (clean_predictions, fgsm_predictions, fraction, previous_batch_predictions,
+                       random_input_predictions)
 
 
 def fit(model, ds, steps=60, lr=0.2):
@@ -60,19 +61,26 @@ def test_strength_against_hand_references(trained, data, device, tmp_path):
     x, y = data.test_x, data.test_y
     res = strength.compute(copy.deepcopy(trained).to(device), x, y, eps_list=(0, 0.1, 3.0), batch_size=16)
     assert res["eps"] == [0.0, 0.1, 3.0]
-    assert set(res["accuracy"]) == {"fgsm", "layerwise", "input_prev", "random"}
+    assert set(res["accuracy"]) == {"fgsm", "layerwise", "input_prev", "input_random", "random"}
     points, tol = lwat.default_points(trained), tolerance(device, y)
     clean = fraction(clean_predictions(trained, x), y)
     for i, e in enumerate(res["eps"]):
         refs = {"fgsm": fgsm_predictions(trained, x, y, e, 16),
                 "layerwise": previous_batch_predictions(copy.deepcopy(trained), x, y, e, points, 16),
-                "input_prev": previous_batch_predictions(copy.deepcopy(trained), x, y, e, points, 16, input_only=True)}
+                "input_prev": previous_batch_predictions(copy.deepcopy(trained), x, y, e, points, 16, input_only=True),
+                "input_random": random_input_predictions(copy.deepcopy(trained).to(device), x, e, 16, seed=0)}
         for kind, pred in refs.items():
             assert res["accuracy"][kind][i] == pytest.approx(fraction(pred, y), abs=tol), (kind, e)
     assert res["accuracy"]["random"][0] == pytest.approx(clean, abs=tol)  # random signs of size 0: clean
     assert res["accuracy"]["layerwise"][2] < clean  # and the references themselves are not the clean model
+    assert res["accuracy"]["input_random"][2] < clean  # random signs of size 3 at the input destroy the images
+    only = strength.compute(copy.deepcopy(trained).to(device), x, y, eps_list=(0.1,), batch_size=16,
+                            kinds=("input_random",))
+    assert only["accuracy"] == {"input_random": [res["accuracy"]["input_random"][1]]}
+    with pytest.raises(ValueError, match="unknown kind"):
+        strength.compute(trained, x, y, kinds=("sideways",))
     rows = strength.to_rows(res)
-    assert len(rows) == 12 and set(rows[0]) == {"kind", "eps", "accuracy"}
+    assert len(rows) == 15 and set(rows[0]) == {"kind", "eps", "accuracy"}
     strength.plot(res, tmp_path / "strength.png")
     assert_png(tmp_path / "strength.png")
 

@@ -84,6 +84,28 @@ def test_report_numbers_and_claims_are_those_of_the_run_files(smoke_out):
                f"{acc['baseline']:.2f}%" in section
 
 
+def test_an_analysis_of_an_older_version_is_kept_until_it_can_be_computed_again(smoke_out, tmp_path):
+    """Table 1's strength rows from before the input_random control: shown as they are (the new row asks for the
+    checkpoints) where the runs have no checkpoint, computed again where they have."""
+    reproduce("table1", out=smoke_out, **SMOKE)
+    path = smoke_out / "analysis" / "table1-strength.json"
+    stored = json.loads(path.read_text())
+    entry = stored["seeds"]["0"]
+    assert entry["version"] == 2 and {r["kind"] for r in entry["rows"]} >= {"input_random", "input_prev"}
+    old = {**entry, "rows": [r for r in entry["rows"] if r["kind"] != "input_random"]}
+    del old["version"]
+    path.write_text(json.dumps({**stored, "seeds": {"0": old}}))
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_out, copy, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    part = sections(Path(reproduce("table1", out=copy, **SMOKE)["report"]).read_text())["table1"]
+    row = next(line for line in part.splitlines() if line.startswith("| random signs at the input only"))
+    assert row.count("needs checkpoint, re-run") == 5
+    assert "| previous-batch signs at the input only (control) | ours (n=1) | " in part and "needs checkpoint" \
+        not in next(line for line in part.splitlines() if line.startswith("| previous-batch signs at the input"))
+    reproduce("table1", out=smoke_out, **SMOKE)  # with the checkpoints: computed again, every row
+    assert json.loads(path.read_text())["seeds"]["0"] == entry
+
+
 def test_second_reproduce_reuses_everything(smoke_out, monkeypatch):
     first = reproduce("all", out=smoke_out, **SMOKE)  # trains whatever the parametrized tests did not
     report = Path(first["report"]).read_text()

@@ -80,6 +80,12 @@ def _options(module) -> set[str]:
     return takes | {n for n, p in inspect.signature(module.compute).parameters.items() if p.default is not p.empty}
 
 
+def version(name: str) -> int:
+    """The version of an analysis' rows: a module declares VERSION (default 1) and bumps it when its rows change
+    (strength: 2, with the input_random control), so stored results of an older version are computed again."""
+    return getattr(get_analysis(name), "VERSION", 1)
+
+
 def report_rows(name: str, result) -> list[dict]:
     """The rows a report keeps of a result: the module's `summary_rows` where it has one, else all its rows."""
     module = get_analysis(name)
