@@ -49,7 +49,7 @@ BUSY_SECONDS = 600  # an unfinished run not started by lwat reproduce, written t
 
 def run_key(cfg: TrainConfig) -> str:
     """What makes two trainings the same: the config as canonical JSON, without IGNORED_IN_KEY, plus the data's
-    identity (`lwat.presets.data_identity`)."""
+    identity (`lwat.paper.plan.data_identity`)."""
     values = {k: v for k, v in cfg.to_dict().items() if k not in IGNORED_IN_KEY}
     values["data"] = data_identity(cfg.dataset, cfg.data_dir)
     return json.dumps(values, sort_keys=True)

@@ -35,6 +35,7 @@ import torch
 
 import lwat
 from lwat.config import ConfigError, TrainConfig, resolve_device
+from lwat.data import CIFAR
 from lwat.evaluate import FGSM_EPS, robustness
 
 CONFIG, HOST, LOG, METRICS, EVAL = "config.json", "host.json", "log.jsonl", "metrics.json", "eval.json"
@@ -190,16 +191,16 @@ def summarize(log: list[dict], cfg: TrainConfig, passes: int) -> dict:
 # Where a run ran, and from what
 
 
-def host_info(device: str = "cpu", data_dir=None) -> dict:
+def host_info(device: str = "cpu", cfg: TrainConfig | None = None) -> dict:
     """The machine and provenance of a run, as host.json holds them.
 
     Args:
         device: the run's device ("auto", "cpu", "cuda", ...): a CUDA device's name is recorded.
-        data_dir: the run's data file or folder (TrainConfig.data_dir), or None.
+        cfg: the run's config, whose data is checksummed (`data_sha256`); None: no data checksum.
 
     Returns:
         {"cpu": model name, "cpu_count", "threads": torch threads, "gpu": name or None, "torch": version,
-         "lwat": `lwat_version()`, "data_sha256": `data_sha256(data_dir)`}.
+         "lwat": `lwat_version()`, "data_sha256": `data_sha256(cfg)`}.
     """
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -210,7 +211,7 @@ def host_info(device: str = "cpu", data_dir=None) -> dict:
     dev = resolve_device(device)
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "torch": torch.__version__,
-            "lwat": lwat_version(), "data_sha256": data_sha256(data_dir)}
+            "lwat": lwat_version(), "data_sha256": None if cfg is None else data_sha256(cfg)}
 
 
 def machine(host: dict | None) -> str | None:
@@ -238,21 +239,30 @@ def lwat_version() -> str:
     return f"{lwat.__version__}+git{lines[1][:12]}"
 
 
-def data_sha256(data_dir) -> str | None:
-    """The sha256 of a run's data: of the file's bytes for a file (an archive); for a folder, of its manifest: the
-    lines `<sha256 of the file>  ./<path relative to the folder>` of every file under it, sorted by path, as
-    `cd FOLDER && find . -type f | LC_ALL=C sort | xargs sha256sum | sha256sum` prints. None without a data_dir (the
-    built-in data sets) or when the path does not exist."""
-    if data_dir is None:
+def data_sha256(cfg: TrainConfig) -> str | None:
+    """The sha256 of the data a run reads (its data_dir).
+
+    A file (an archive): of its bytes. A folder: of its manifest, the lines `<sha256 of the file>  ./<path relative to
+    the folder>` sorted by path, as `cd FOLDER && find . -type f | LC_ALL=C sort | xargs sha256sum | sha256sum`
+    prints: for an image folder, of every file under it; for the official CIFAR data, of the files the loader reads
+    in the extracted folder (the training and test batches and the meta file). None without a data_dir (the
+    built-in data sets) or when it does not exist.
+    """
+    if cfg.data_dir is None:
         return None
-    path = Path(data_dir).expanduser()
+    path = Path(cfg.data_dir).expanduser()
     if path.is_file():
         return _file_sha256(path)
     if not path.is_dir():
         return None
-    files = sorted((f"./{p.relative_to(path).as_posix()}", p) for p in path.rglob("*") if p.is_file())
-    manifest = "".join(f"{_file_sha256(p)}  {name}\n" for name, p in files)
-    return hashlib.sha256(manifest.encode()).hexdigest()
+    if cfg.dataset in CIFAR:
+        spec = CIFAR[cfg.dataset]
+        path = path if (path / spec["train"][0]).is_file() else path / spec["folder"]
+        files = [path / name for name in (*spec["train"], *spec["test"], spec["meta"]) if (path / name).is_file()]
+    else:
+        files = [p for p in path.rglob("*") if p.is_file()]
+    listed = sorted((f"./{p.relative_to(path).as_posix()}", p) for p in files)
+    return hashlib.sha256("".join(f"{_file_sha256(p)}  {name}\n" for name, p in listed).encode()).hexdigest()
 
 
 def _file_sha256(path: Path) -> str:
@@ -264,7 +274,7 @@ def _file_sha256(path: Path) -> str:
 
 
 def write_host(run_dir, cfg: TrainConfig) -> None:
-    write_json(Path(run_dir) / HOST, host_info(cfg.device, cfg.data_dir))
+    write_json(Path(run_dir) / HOST, host_info(cfg.device, cfg))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -80,11 +80,20 @@ def test_host_json_records_the_machine_the_code_and_the_data(tmp_path):
 def test_data_sha256_of_a_folder_is_the_sha256sum_manifest(tmp_path):
     folder, _ = make_cifar10(tmp_path / "data", n=2)
     (folder / "sub").mkdir()
-    (folder / "sub" / "extra file").write_bytes(b"x")
-    listing = subprocess.run("find . -type f | LC_ALL=C sort | tr '\\n' '\\0' | xargs -0 sha256sum | sha256sum",
-                             shell=True, cwd=folder, capture_output=True, text=True, check=True)
-    assert rundir.data_sha256(folder) == listing.stdout.split()[0]
-    assert rundir.data_sha256(None) is None
+    (folder / "sub" / "extra file").write_bytes(b"x")  # an image folder counts it; CIFAR reads the batches only
+
+    def sha256sum(listing):
+        return subprocess.run(f"{listing} | LC_ALL=C sort | tr '\\n' '\\0' | xargs -0 sha256sum | sha256sum",
+                              shell=True, cwd=folder, capture_output=True, text=True, check=True).stdout.split()[0]
+
+    images = TrainConfig(dataset="folder", data_dir=str(folder))
+    assert rundir.data_sha256(images) == sha256sum("find . -type f")
+    batches = " ".join(f"./{name}" for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+                                                 "data_batch_5", "test_batch", "batches.meta"))
+    for where in (folder, folder.parent):  # the extracted folder, or the directory holding it
+        cifar = TrainConfig(dataset="cifar10", data_dir=str(where))
+        assert rundir.data_sha256(cifar) == sha256sum(f"printf '%s\\n' {batches}")
+    assert rundir.data_sha256(TrainConfig(dataset="synthetic")) is None
 
 
 def test_evaluate_run_keeps_a_finished_runs_other_eps(tmp_path):
