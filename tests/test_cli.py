@@ -107,6 +107,11 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert "| baseline |" in out and "| lat |" in out
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert out.strip().endswith((tmp_path / "demo.md").read_text().strip())  # after per-epoch lines
+    # The per-seed gain line is lat's clean accuracy minus the baseline's, as the table rows print them.
+    clean = {m: float(next(l for l in out.splitlines() if l.startswith(f"| {m} |")).split("|")[2])
+             for m in ("baseline", "lat")}
+    gain = float(out.split("lat - baseline per seed (points): clean ")[1].split(";")[0])
+    assert abs(gain - (clean["lat"] - clean["baseline"])) < 0.11, (gain, clean)
     # Fewer epochs in the same folder: new runs of that length, not the 2-epoch ones labelled "1 epochs".
     code, out, err = run(capsys, "demo", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path), "--device", "cpu")
     assert code == 0, err
