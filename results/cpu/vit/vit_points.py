@@ -16,6 +16,7 @@ a lock file lets two processes share the list.
     OMP_NUM_THREADS=1 nice -n 10 python results/cpu/vit/vit_points.py train --data-dir DATA \
         --arms baseline lat-ln lat-default --seeds 0 1 --eps 10
     python results/cpu/vit/vit_points.py table     # writes results/cpu/vit/TABLE.md from the small files
+    python results/cpu/vit/vit_points.py scales --data-dir DATA results/cpu/vit/runs/lat-*-eps10-seed0 > scales.txt
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from lwat.models import build_model
 HERE = Path(__file__).resolve().parent
 ARMS = ("baseline", "lat-ln", "lat-default")
 FGSM_EPS = 0.02  # pixel units of [0, 1] images
-SETTINGS = {  # one run of ~7 minutes on one thread of this project's loaded 2-core machine (measured: log.jsonl)
+SETTINGS = {  # sized from one timed epoch (30-75 s on one thread); under heavier load runs took 8-14 min (metrics.json)
     "model": "vit", "model_options": {},  # lwat.models.vit defaults: dim 64, depth 4, 4 heads, 4x4 patches
     "dataset": "folder", "train_subset": 10_000, "val_size": 5_000,  # class-balanced; val taken first
     "flip": True, "crop": False,
@@ -191,10 +192,34 @@ def table(root: Path) -> str:
         f"patches), {s['train_subset']:,} class-balanced training images, {s['val_size']:,} held-out validation "
         f"images (per seed), {s['epochs']} epochs of batch {s['batch_size']}, AdamW lr {s['lr']:g} (1 warm-up "
         f"epoch, cosine), weight decay {s['weight_decay']:g}, flips, range-scaled eps. Mean ± sample std over the "
-        "seeds listed; FGSM at eps 0.02 in pixel units of [0, 1] images, on every 2nd test image (5,000, 500 per class); train acc on the perturbed activations. One thread "
-        "per run on a shared 2-core CPU VM.", "",
+        "seeds listed; FGSM at eps 0.02 in pixel units of [0, 1] images, on every 2nd test image (5,000, 500 per "
+        "class); train acc on the perturbed activations (last epoch). One thread per run, two runs side by side, on "
+        "a shared 2-core CPU VM (load average 8-10); min per run = training + evaluation.", "",
         *lines, "",
         "Regenerate: `python results/cpu/vit/vit_points.py table`. Train: see the script's docstring.", ""])
+
+
+def scales(run: Path, data_dir: str) -> str:
+    """How strong the final cache's perturbation is at each point of a finished lat run: eps_l against the RMS of
+    the point's clean activation on 128 training images (the relative size of Eq. 6's addition)."""
+    cfg = json.loads((run / "run.json").read_text())
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    data = load_dataset(cfg["dataset"], data_dir, train_subset=cfg["train_subset"], val_size=cfg["val_size"],
+                        seed=cfg["seed"])
+    model = build_model(cfg["model"], data.num_classes, in_channels=data.image_shape[0], **cfg["model_options"])
+    model.load_state_dict(ckpt["model"])
+    modules, rms = dict(model.named_modules()), {}
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: rms.__setitem__(n, o.pow(2).mean().sqrt().item()))
+             for n in ckpt["cache"]]
+    with torch.no_grad():
+        model.eval()(data.train_x[:128].float() / 255)
+    for h in hooks:
+        h.remove()
+    lines = [f"{run.name}: eps {cfg['eps']:g}, {len(rms)} points", "point  eps_l  activation RMS  eps_l / RMS"]
+    for n, state in ckpt["cache"].items():
+        eps_l = state["scale"].item()
+        lines.append(f"{n}  {eps_l:.3g}  {rms[n]:.3g}  {eps_l / rms[n]:.2%}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -208,7 +233,14 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=HERE / "runs")
     p = sub.add_parser("table", help="write TABLE.md beside this script from the finished runs")
     p.add_argument("--root", type=Path, default=HERE / "runs")
+    p = sub.add_parser("scales", help="print eps_l against the activations' RMS at every point of finished runs "
+                                      "(needs their checkpoint.pt)")
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--data-dir", required=True, help="cifar10-jpeg.tar.gz")
     args = parser.parse_args()
+    if args.command == "scales":
+        print("\n\n".join(scales(run, args.data_dir) for run in args.runs))
+        return
     if args.command == "table":
         text = table(args.root)
         (HERE / "TABLE.md").write_text(text)
