@@ -117,6 +117,21 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from lwat.sweep import sweep
+
+    try:
+        result = sweep(config_from_args(args), args.eps_list, args.out, seeds=args.seeds, train=not args.no_train,
+                       progress=args.progress, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:  # outside a training (which saves and returns by itself): nothing half-written
+        result = {"status": "interrupted"}
+    if result["status"] == "interrupted":
+        print("interrupted: run the same command again to continue", file=sys.stderr)
+        return 130
+    print(Path(result["files"]["markdown"]).read_text(), end="")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lwat", description="Efficient layerwise adversarial training "
                                      "(Sankaranarayanan et al., AAAI 2018).")
@@ -197,6 +212,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                    help="training progress display (default: auto)")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("sweep", help="choose eps on a held-out validation split: baseline and one run per eps",
+                       conflict_handler="resolve",  # its --eps (a list) replaces the config's --eps
+                       description="Train the baseline and one run of the (layerwise) method per eps on the "
+                                   "training set minus a class-balanced validation split (--val-size), choose "
+                                   "the eps with the highest mean final validation accuracy (test accuracy is "
+                                   "shown, never used), write OUT/sweep.json, OUT/sweep.md and OUT/sweep.png. "
+                                   "Finished runs under OUT/runs are found by their config and reused; "
+                                   "unfinished ones are resumed. Every lwat train flag sets the base config.")
+    p.add_argument("--config", metavar="FILE", help="JSON file of config keys (the flags' names, with _)")
+    p.add_argument("--out", required=True, help="where runs/, sweep.json, sweep.md and sweep.png go")
+    p.add_argument("--seeds", type=int, default=1, help="trainings per eps and for the baseline, seeds SEED.. "
+                                                         "SEED+N-1; eps is chosen on their mean (default: 1)")
+    p.add_argument("--no-train", action="store_true",
+                   help="train nothing: write the outputs from the runs finished under OUT/runs")
+    p.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
+                   help="training progress display (default: auto)")
+    add_config_flags(p)
+    p.add_argument("--eps", dest="eps_list", type=float, nargs="+", required=True, metavar="EPS",
+                   help="the eps values to try, each > 0 (the paper's appendix: 10 20 30)")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
