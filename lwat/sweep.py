@@ -12,10 +12,8 @@ resumed, so an interrupted sweep continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shlex
-import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,7 +23,8 @@ from lwat.methods import METHODS, get_method
 from lwat.models import model_options
 from lwat.presets import Training
 from lwat.reproduce import ensure_trained, find_run, index_runs
-from lwat.train import LOG, METRICS
+from lwat.render import fmt, stats, table
+from lwat.rundir import LOG, METRICS, read_json, read_log, write_json
 
 JSON, MARKDOWN, PNG = "sweep.json", "sweep.md", "sweep.png"
 RULE = "highest mean final validation accuracy over the seeds (ties: the smaller eps); test accuracy is not used"
@@ -85,7 +84,7 @@ def sweep(base: TrainConfig, eps_list: Sequence[float], out, *, seeds: int = 1, 
               "seeds": seed_list, "baseline": baseline, "rows": list(rows.values()), "config": base.to_dict(),
               "command": command_line(base, eps_list, out, seeds), "trainings": outcomes,
               "files": {k: str(out / name) for k, name in (("json", JSON), ("markdown", MARKDOWN), ("png", PNG))}}
-    (out / JSON).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / JSON, result)
     (out / MARKDOWN).write_text(render(result))
     plot(result, out / PNG)
     return result
@@ -151,27 +150,24 @@ def _row(group: list[Training], index: dict, out: Path) -> dict:
         run, state = find_run(index, t)
         entry = {"seed": t.seed, "state": state, "dir": None if run is None else str(run.relative_to(out))}
         if state == "finished":
-            metrics = json.loads((run / METRICS).read_text())
+            metrics = read_json(run / METRICS)
             entry.update(val_acc=metrics.get("val_acc"), test_acc=metrics["test_acc"],
                          train_seconds=metrics.get("train_seconds"), device=metrics.get("device"))
         elif state == "unfinished" and (run / LOG).exists():
-            entry["epochs_done"] = sum(1 for line in (run / LOG).read_text().splitlines() if line.strip())
+            entry["epochs_done"] = len(read_log(run))
         runs.append(entry)
     done = [r for r in runs if r["state"] == "finished" and r["val_acc"] is not None]
     row = {"method": group[0].config.method, "eps": None if group[0].config.method == "baseline"
            else group[0].config.eps, "n": len(done), "runs": runs}
     for key in ("val_acc", "test_acc"):
-        values = [100 * r[key] for r in done]
-        row[key] = statistics.mean(values) if values else None
-        row[key.replace("acc", "std")] = statistics.stdev(values) if len(values) > 1 else None
+        mean, std, n = stats([100 * r[key] for r in done]) or (None, None, 0)
+        row[key], row[key.replace("acc", "std")] = mean, std if n > 1 else None
     return row
 
 
 def _cell(row: dict, key: str) -> str:
-    if row[key] is None:
-        return "-"
     std = row[key.replace("acc", "std")]
-    return f"{row[key]:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+    return fmt(None if row[key] is None else (row[key], std or 0.0, 2 if std is not None else 1), "-")
 
 
 _STATES = {"finished": "finished", "unfinished": "unfinished", "stale": "started, no checkpoint", "missing": "not run"}
@@ -198,13 +194,14 @@ def render(result: dict) -> str:
         partial = "" if complete == len(result["rows"]) else \
             f" (among the {complete} of {len(result['rows'])} eps values whose runs have all finished)"
         lines.append(f"**Chosen eps: {chosen:g}**{partial}, by {RULE}.")
-    lines += ["", f"| run | eps | val acc % (chooses) | test acc % (for information) | finished seeds | runs |",
-              "|---|---|---|---|---|---|"]
+    cells = []
     for r in rows:
         eps = "-" if r["eps"] is None else f"{r['eps']:g}"
         mark = "**" if r["eps"] is not None and r["eps"] == chosen else ""
-        lines.append(f"| {mark}{r['method']}{mark} | {mark}{eps}{mark} | {_cell(r, 'val_acc')} | {_cell(r, 'test_acc')} "
-                     f"| {r['n']} of {n} | {_state(r)} |")
+        cells.append([f"{mark}{r['method']}{mark}", f"{mark}{eps}{mark}", _cell(r, "val_acc"), _cell(r, "test_acc"),
+                      f"{r['n']} of {n}", _state(r)])
+    lines += ["", *table(["run", "eps", "val acc % (chooses)", "test acc % (for information)", "finished seeds",
+                          "runs"], cells)]
     data = cfg.dataset + (f" ({Path(cfg.data_dir).name})" if cfg.data_dir else "")
     images = f"{cfg.train_subset:,} class-balanced" if cfg.train_subset else "all the remaining"
     aug = " + ".join(name for name, on in (("flip", cfg.flip), ("crop", cfg.crop)) if on) or "none"
