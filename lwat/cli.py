@@ -37,7 +37,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
-    from lwat.train import CONFIG, train
+    from lwat.rundir import CONFIG
+    from lwat.train import train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -63,7 +64,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lwat.train import evaluate_run
+    from lwat.rundir import evaluate_run
 
     result = evaluate_run(args.run, eps_list=args.eps, attack=args.attack, device=args.device,
                           batch_size=args.batch_size, data_dir=args.data_dir)
@@ -116,6 +117,21 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from lwat.sweep import sweep
+
+    try:
+        result = sweep(config_from_args(args), args.eps_list, args.out, seeds=args.seeds, train=not args.no_train,
+                       progress=args.progress, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:  # outside a training (which saves and returns by itself): nothing half-written
+        result = {"status": "interrupted"}
+    if result["status"] == "interrupted":
+        print("interrupted: run the same command again to continue", file=sys.stderr)
+        return 130
+    print(Path(result["files"]["markdown"]).read_text(), end="")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lwat", description="Efficient layerwise adversarial training "
                                      "(Sankaranarayanan et al., AAAI 2018).")
@@ -131,11 +147,13 @@ def make_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
+    from lwat.evaluate import FGSM_EPS
+
     p = sub.add_parser("eval", help="clean and adversarial accuracy of a trained run",
                        description="Clean accuracy and accuracy under an attack at several eps on the test set; "
                                    "prints a table and writes eval.json beside the checkpoint.")
     p.add_argument("run", metavar="RUN_DIR_OR_CKPT")
-    p.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.02, 0.04, 0.06, 0.08, 0.1],
+    p.add_argument("--eps", type=float, nargs="+", default=list(FGSM_EPS),
                    help="attack strengths, pixel units of [0, 1] images (default: the paper's Table 4 values)")
     p.add_argument("--attack", choices=["fgsm", "pgd"], default="fgsm", help="attack (default: fgsm)")
     p.add_argument("--batch-size", type=int, default=500, help="images per batch (default: 500)")
@@ -143,12 +161,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data location, if it moved since training (default: the run's)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="baseline vs lat on the embedded digits data (about a minute on CPU)",
+    p = sub.add_parser("demo", help="baseline vs lat on the embedded digits data (about two minutes on CPU)",
                        description="Train baseline and lat on scikit-learn's digits, print a comparison "
                                    "table and write a PNG of the training curves.")
     p.add_argument("--out", default="runs/demo", help="where the runs and the plot go (default: runs/demo)")
     p.add_argument("--epochs", type=int, default=30, help="epochs per run (default: 30)")
-    p.add_argument("--seeds", type=int, default=2, help="runs per method (default: 2)")
+    p.add_argument("--seeds", type=int, default=5, help="runs per method (default: 5)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.set_defaults(func=cmd_demo)
 
@@ -156,18 +174,19 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="one of the paper's analyses on trained runs (PNG, CSV, JSON)",
                        description="strength (Table 1) and tsne (Figure 1) take one run; jacobian (Figure 2), "
-                                   "transfer (Table 2, with --target), depth (Table 6) and curves (Figure 3) "
-                                   "take several.")
+                                   "transfer (Table 2, with --target), robustness (Table 4, from the runs' eval.json: "
+                                   "run lwat eval first), depth (Table 6) and curves (Figure 3) take several.")
     p.add_argument("name", choices=sorted(ANALYSES))
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="output directory (default: FIRST_RUN/analysis)")
     p.add_argument("--eps", type=float, nargs="+",
                    help="eps values (strength, tsne: activation units at the points, and pixel units for the "
-                        "input attacks; transfer: pixel units); default: the paper's")
+                        "input attacks; transfer, robustness: pixel units); default: the paper's (robustness: every "
+                        "eps in eval.json)")
     p.add_argument("--limit", type=int, help="use only the first LIMIT test images (default: all)")
     p.add_argument("--target", help="transfer: the run whose model classifies the attacked images")
     p.add_argument("--baseline", help="depth: a baseline run, drawn as a horizontal line")
-    p.add_argument("--classes", type=int, nargs=2, default=[0, 1], help="tsne: two class indices (default: 0 1)")
+    p.add_argument("--classes", type=int, nargs=2, help="tsne: two class indices (default: 0 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.set_defaults(func=cmd_analyze)
 
@@ -193,6 +212,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                    help="training progress display (default: auto)")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("sweep", help="choose eps on a held-out validation split: baseline and one run per eps",
+                       conflict_handler="resolve",  # its --eps (a list) replaces the config's --eps
+                       description="Train the baseline and one run of the (layerwise) method per eps on the "
+                                   "training set minus a class-balanced validation split (--val-size), choose "
+                                   "the eps with the highest mean final validation accuracy (test accuracy is "
+                                   "shown, never used), write OUT/sweep.json, OUT/sweep.md and OUT/sweep.png. "
+                                   "Finished runs under OUT/runs are found by their config and reused; "
+                                   "unfinished ones are resumed. Every lwat train flag sets the base config.")
+    p.add_argument("--config", metavar="FILE", help="JSON file of config keys (the flags' names, with _)")
+    p.add_argument("--out", required=True, help="where runs/, sweep.json, sweep.md and sweep.png go")
+    p.add_argument("--seeds", type=int, default=1, help="trainings per eps and for the baseline, seeds SEED.. "
+                                                         "SEED+N-1; eps is chosen on their mean (default: 1)")
+    p.add_argument("--no-train", action="store_true",
+                   help="train nothing: write the outputs from the runs finished under OUT/runs")
+    p.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
+                   help="training progress display (default: auto)")
+    add_config_flags(p)
+    p.add_argument("--eps", dest="eps_list", type=float, nargs="+", required=True, metavar="EPS",
+                   help="the eps values to try, each > 0 (the paper's appendix: 10 20 30)")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -137,6 +137,9 @@ def load_cifar(name: str, data_dir, *, download: bool = False) -> Dataset:
     return Dataset(name, train_x, train_y, test_x, test_y, classes)
 
 
+_DOWNLOAD_HINT = "--download on the command line, download=True in Python, fetches"
+
+
 def _find_cifar_folder(spec: dict, data_dir: Path, download: bool) -> Path:
     if data_dir.is_file() and data_dir.name.endswith((".tar.gz", ".tgz", ".tar")):
         data_dir, archive = data_dir.parent, data_dir
@@ -150,10 +153,9 @@ def _find_cifar_folder(spec: dict, data_dir: Path, download: bool) -> Path:
     if not archive.is_file():
         if not download:
             if not data_dir.is_dir():
-                raise DataError(f"{data_dir}: data directory does not exist (pass download=True to fetch "
+                raise DataError(f"{data_dir}: data directory does not exist ({_DOWNLOAD_HINT} "
                                 f"{spec['archive']})")
-            raise DataError(f"{data_dir}: neither {spec['folder']}/ nor {spec['archive']} found "
-                            f"(pass download=True to fetch it)")
+            raise DataError(f"{data_dir}: neither {spec['folder']}/ nor {spec['archive']} found ({_DOWNLOAD_HINT} it)")
         download_file(spec["url"], archive, spec["md5"])
     _extract_tar(archive, data_dir, spec["folder"])
     return folder
@@ -644,8 +646,8 @@ class Loader:
         x, y: uint8 (N, C, H, W) images and int64 (N,) labels.
         batch_size: images per batch.
         train: shuffle and augment (else: fixed order, no augmentation).
-        crop: random crop with `pad` (4) pixels of zero padding, when training.
-        flip: random horizontal flip, when training.
+        crop: random crop with `pad` (4) pixels of zero padding, when training (default off, as TrainConfig.crop).
+        flip: random horizontal flip, when training (default on, as TrainConfig.flip).
         seed: seeds shuffling and augmentation together with the epoch.
         drop_last: drop the last partial batch; default: `train`.
         device: where the data lives and batches come out; default: where `x` is.
@@ -654,7 +656,7 @@ class Loader:
             never gathered, cropped or flipped.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, train: bool, crop: bool = True,
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, train: bool, crop: bool = False,
                  flip: bool = True, seed: int = 0, drop_last: bool | None = None, device=None,
                  channels_last: bool = False, pad: int = 4, rows: slice = slice(None)):
         if x.dtype != torch.uint8 or x.ndim != 4 or y.shape != (len(x),):

@@ -2,31 +2,42 @@
 
 Nothing to download. The model is the paper's toy net (`mlp_tanh`: two tanh layers of 1024 and 512
 units, Section 3.4) on the 8x8 digits; its two hidden Linear layers are the perturbation points.
-Runs are reused when their directory already holds a finished run, and resumed when interrupted.
+Each run has its own directory, OUT/METHOD-eEPOCHS-seedSEED: a finished run of the same config is reused, an
+interrupted one resumed.
 """
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
+from lwat import rundir
 from lwat.analysis import curves
-from lwat.config import TrainConfig
+from lwat.config import ConfigError, TrainConfig, resolve_device
 from lwat.data import load_dataset
 from lwat.evaluate import robustness
-from lwat.train import CHECKPOINT, CONFIG, METRICS, load_run, read_log, resolve_device, train
+from lwat.render import fmt, stats, table
+from lwat.train import train
 
 METHODS = ("baseline", "lat")
-FGSM_EPS = (0.05, 0.1)  # pixel units of [0, 1] images
+EPS = (0.05, 0.1)  # the demo's FGSM eps, pixel units of [0, 1] images
+
+
+# eps_l = 0.2 at both hidden Linear outputs (scale="fixed": activation units; the first layer's pre-activations have
+# std ~0.9). With range scaling eps_l shrinks with the loss (~0.09 -> 0.0004 in 10 epochs here), and the paper's eps
+# 10 or 30 moved clean accuracy by less than the seeds' spread. Evidence: chosen on a 300-image validation split among
+# 19 configurations (5 seeds each), then confirmed on fresh seeds 10-19 and the test set: clean 97.42 ± 0.35 (baseline)
+# vs 98.00 ± 0.26 (lat), FGSM 0.1 56.2 ± 1.1 vs 73.1 ± 1.6, n=10, 2-core CPU (results/demo-search/).
+SCALE, EPS_L = "fixed", 0.2
 
 
 def demo_config(method: str, seed: int, epochs: int, device: str) -> TrainConfig:
-    # eps 10 with range scaling: the paper's value; digits are not mirror-symmetric, so no flips.
+    # Digits are not mirror-symmetric, so no flips.
     return TrainConfig(model="mlp_tanh", method=method, dataset="digits", epochs=epochs, batch_size=64,
-                       lr_drop_every=max(1, epochs // 3), eps=10.0, flip=False, seed=seed, device=device)
+                       lr_drop_every=max(1, epochs // 3), scale=SCALE, eps=EPS_L, flip=False, seed=seed,
+                       device=device)
 
 
-def run_demo(out, *, epochs: int = 30, seeds: int = 2, device: str = "auto") -> str:
+def run_demo(out, *, epochs: int = 30, seeds: int = 5, device: str = "auto") -> str:
     """Train (or reuse) baseline and lat runs under `out`, evaluate them, plot the curves.
 
     Returns:
@@ -38,35 +49,41 @@ def run_demo(out, *, epochs: int = 30, seeds: int = 2, device: str = "auto") -> 
     for method in METHODS:
         for seed in range(seeds):
             cfg = demo_config(method, seed, epochs, device)
-            run = out / f"{method}-seed{seed}"
-            if not (run / METRICS).exists():
-                resume = (run / CONFIG).exists() and (run / CHECKPOINT).exists()
-                result = train(cfg, run, resume=resume)
+            run = out / f"{method}-e{epochs}-seed{seed}"
+            if (run / rundir.CONFIG).exists() and TrainConfig.from_file(run / rundir.CONFIG).replace(
+                    device=device) != cfg:
+                raise ConfigError(f"{run} holds a run of another config; remove it or give another --out")
+            if not (run / rundir.METRICS).exists():
+                result = train(cfg, run, resume=rundir.has_checkpoint(run))
                 if result["status"] == "interrupted":
                     raise KeyboardInterrupt
-            model, _, _ = load_run(run, resolve_device(device))
-            acc = robustness(model, data.test_x, data.test_y, (0.0, *FGSM_EPS))
-            metrics = read_log(run)[-1]
-            results.setdefault(method, []).append({**acc, "images_per_s": metrics["images_per_s"]})
-            logs[f"{method} seed {seed}"] = read_log(run)
+            model, _, _ = rundir.load_run(run, resolve_device(device))
+            acc = robustness(model, data.test_x, data.test_y, (0.0, *EPS))
+            log = rundir.read_log(run)
+            results.setdefault(method, []).append({**acc, "images_per_s": log[-1]["images_per_s"]})
+            logs[f"{method} seed {seed}"] = log
     curves.plot(curves.compute(logs), out / "curves.png")
-    table = _table(results, epochs, seeds)
-    (out / "demo.md").write_text(table + "\n")
-    return table
+    text = _table(results, epochs, seeds, len(data.test_y))
+    (out / "demo.md").write_text(text + "\n")
+    return text
 
 
-def _table(results: dict, epochs: int, seeds: int) -> str:
-    def cell(values, percent=True):
-        scale = 100 if percent else 1
-        mean = statistics.mean(values) * scale
-        spread = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-        return f"{mean:.1f} ± {spread:.1f}" if percent else f"{mean:.0f}"
+def _table(results: dict, epochs: int, seeds: int, n_test: int) -> str:
+    def percent(rows, key):
+        return fmt(stats([100 * r[key] for r in rows]))
 
-    head = ["method", "clean acc %"] + [f"FGSM {e} acc %" for e in FGSM_EPS] + ["images/s"]
-    lines = [f"digits (scikit-learn, 1437 train / 360 test), mlp_tanh, {epochs} epochs, {seeds} seed(s), "
-             "mean ± std", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, rows in results.items():
-        cells = [cell([r[0.0] for r in rows])] + [cell([r[e] for r in rows]) for e in FGSM_EPS]
-        cells.append(cell([r["images_per_s"] for r in rows], percent=False))
-        lines.append("| " + " | ".join([method] + cells) + " |")
+    head = ["method", "clean acc %"] + [f"FGSM {e} acc %" for e in EPS] + ["images/s"]
+    rows = [[method, percent(rs, 0.0), *(percent(rs, e) for e in EPS),
+             f"{stats([r['images_per_s'] for r in rs])[0]:.0f}"] for method, rs in results.items()]
+    # Paired by seed (same initial weights and data order): the gain of lat over the baseline, seed by seed.
+    gains = {key: [100 * (a[key] - b[key]) for a, b in zip(results["lat"], results["baseline"])]
+             for key in (0.0, *EPS)}
+    ahead, clean = sum(g > 0 for g in gains[0.0]), stats(gains[0.0])
+    lines = [f"digits (scikit-learn, 1437 train / 360 test), mlp_tanh, {epochs} epochs, {seeds} seed(s), lat with "
+             f"eps_l = {EPS_L:g} ({SCALE} scale), FGSM eps in pixel units, mean ± std", "", *table(head, rows), "",
+             "lat - baseline per seed (points): "
+             + "; ".join(f"{'clean' if k == 0.0 else f'FGSM {k}'} {' '.join(f'{g:+.1f}' for g in gs)}"
+                         for k, gs in gains.items()),
+             f"lat ahead on clean accuracy in {ahead} of {seeds} seed(s); the mean clean gain, {clean[0]:+.2f} points, "
+             f"is {clean[0] * n_test / 100:+.1f} of the {n_test} test images."]
     return "\n".join(lines)

@@ -21,6 +21,8 @@ from torch import nn
 from lwat.attacks import _check_eps, _eval_mode, _fgsm_step, _input_gradient, get_attack
 from lwat.perturb import DIRECTIONS, attach
 
+FGSM_EPS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1)  # the paper's FGSM eps (Tables 2 and 4), pixel units of [0, 1] images
+
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 500,
              attack: str | Callable | None = None, eps: float = 0.0, source: nn.Module | None = None,

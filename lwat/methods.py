@@ -88,7 +88,13 @@ def fgsm_inter_step(model, handle, x, y, cfg, run=PLAIN):
     """FGS-inter: the signs of the current batch's own gradients at every point, joint loss."""
     with handle.paused(capture=True):  # clean pass; its backward caches this batch's signs and eps_l
         clean = _clean_term(model, x, y, cfg, run)
-    return _adversarial_term(model, x, y, cfg, run, clean)  # perturbed with those signs
+    # Perturbed with those signs. Its backward must not capture again: the next step's clean pass replaces the
+    # cache before anything reads it, so a second capture would be work for nothing.
+    capture, handle.capture = handle.capture, False
+    try:
+        return _adversarial_term(model, x, y, cfg, run, clean)
+    finally:
+        handle.capture = capture
 
 
 def _clean_term(model, x, y, cfg, run):

@@ -2,8 +2,8 @@
 OUT/REPORT.md with our numbers beside the paper's.
 
 Layout of OUT (default results/<scale>):
-    runs/<name>-<hash>/   one training: config.json, log.jsonl, metrics.json (lwat.train), eval.json (evaluate_run),
-                          host.json (the machine that finished it), checkpoint.pt and reproduce.lock (git-ignored)
+    runs/<name>-<hash>/   one training (lwat.rundir): config.json, host.json, log.jsonl, metrics.json, eval.json;
+                          checkpoint.pt, checkpoint.prev.pt and reproduce.lock are git-ignored
     analysis/<name>.json  an analysis' rows per seed and the runs they came from; <name>.png its plot
     REPORT.md             every preset with results here, scale, data, hardware and wall time stated
 
@@ -22,26 +22,26 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
-import platform
-import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 
 from lwat.analysis import get_analysis
-from lwat.config import ConfigError, TrainConfig
+from lwat.analysis.runs import compute as compute_analysis
+from lwat.analysis.runs import lacks, report_rows, version
+from lwat.config import ConfigError, TrainConfig, resolve_device
 from lwat.data import DataError
-from lwat.presets import (
-    PAPER, PRESETS, SCALES, Plan, Results, RunResult, Training, data_identity, data_label, get_preset, resolve_data,
+from lwat.paper import report
+from lwat.paper.plan import SCALES, Plan, Training, data_identity, resolve_data
+from lwat.paper.results import Results, RunResult
+from lwat.presets import PRESETS, get_preset
+from lwat.rundir import (  # noqa: F401  (host_info: re-exported for scripts)
+    CONFIG, LOCK, METRICS, discard_start, evaluate_run, has_checkpoint, host_info, read_json, read_run, write_json,
 )
-from lwat.train import TrainingError, evaluate_run, load_data, load_run, read_log, train
+from lwat.train import TrainingError, train
 
-CONFIG, LOG, METRICS, CHECKPOINT = "config.json", "log.jsonl", "metrics.json", "checkpoint.pt"
-EVAL, HOST, LOCK, REPORT = "eval.json", "host.json", "reproduce.lock", "REPORT.md"
+REPORT = "REPORT.md"
 # where and how a run ran, not what it computed (compile and channels_last change speed, not the math)
 IGNORED_IN_KEY = ("device", "download", "data_dir", "compile", "channels_last")
 BUSY_SECONDS = 600  # an unfinished run not started by lwat reproduce, written this recently, may be training now
@@ -49,7 +49,7 @@ BUSY_SECONDS = 600  # an unfinished run not started by lwat reproduce, written t
 
 def run_key(cfg: TrainConfig) -> str:
     """What makes two trainings the same: the config as canonical JSON, without IGNORED_IN_KEY, plus the data's
-    identity (`lwat.presets.data_identity`)."""
+    identity (`lwat.paper.plan.data_identity`)."""
     values = {k: v for k, v in cfg.to_dict().items() if k not in IGNORED_IN_KEY}
     values["data"] = data_identity(cfg.dataset, cfg.data_dir)
     return json.dumps(values, sort_keys=True)
@@ -75,7 +75,7 @@ def index_runs(root) -> dict[str, list[Path]]:
 def _state(run: Path) -> str:
     if (run / METRICS).exists():
         return "finished"
-    return "unfinished" if (run / CHECKPOINT).exists() else "stale"
+    return "unfinished" if has_checkpoint(run) else "stale"
 
 
 def find_run(index: dict, training: Training) -> tuple[Path | None, str]:
@@ -126,36 +126,6 @@ def _busy_elsewhere(run: Path) -> str | None:
     return None
 
 
-def host_info(device: str = "cpu") -> dict:
-    """The machine: CPU model, torch threads, GPU name (for a CUDA device), torch version."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": None,
-            "torch": torch.__version__}
-    dev = _device(device)
-    if dev.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(dev)
-    return info
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def ensure_trained(training: Training, root: Path, index: dict, *, progress: str = "auto") -> tuple[str, Path | None]:
     """Reuse, resume or run one training under `root` (OUT/runs).
 
@@ -187,11 +157,9 @@ def ensure_trained(training: Training, root: Path, index: dict, *, progress: str
                 saved = TrainConfig.from_file(run / CONFIG)
                 cfg, resume = saved.replace(device=cfg.device, data_dir=cfg.data_dir), True
                 if saved.data_dir != cfg.data_dir:  # made elsewhere: the same data (same identity) lies here
-                    _write_json(run / CONFIG, saved.replace(data_dir=cfg.data_dir).to_dict())
+                    write_json(run / CONFIG, saved.replace(data_dir=cfg.data_dir).to_dict())
             elif in_place:  # ours, killed before its first checkpoint: nothing to keep
-                for name in (CONFIG, LOG):
-                    with contextlib.suppress(FileNotFoundError):
-                        (run / name).unlink()
+                discard_start(run)
             result = train(cfg, run, resume=resume, progress=progress)
     except _Busy as e:
         return f"busy: {e}", run
@@ -199,7 +167,6 @@ def ensure_trained(training: Training, root: Path, index: dict, *, progress: str
         return f"failed: {e}", run
     if result.get("status") == "interrupted":
         return "interrupted", run  # the lock file stays: it marks the run as ours, to be resumed at once
-    _write_json(run / HOST, host_info(cfg.device))
     (run / LOCK).unlink(missing_ok=True)
     return ("resumed" if resume else "trained"), run
 
@@ -208,27 +175,14 @@ def ensure_trained(training: Training, root: Path, index: dict, *, progress: str
 # Reading what exists
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def run_result(training: Training, index: dict) -> RunResult:
     """What is on disk for one planned training (nothing is run)."""
     run, state = find_run(index, training)
     if state == "missing":
         return RunResult(training, "not run yet" if training.available else "not run (no data)")
-    cfg = TrainConfig.from_file(run / CONFIG)
-    log = read_log(run) if (run / LOG).exists() else []
-    result = RunResult(training, state, run, cfg, log=log, has_checkpoint=(run / CHECKPOINT).exists())
-    if state == "finished":
-        result.metrics = _read_json(run / METRICS)
-        result.eval = _read_json(run / EVAL)
-        result.host = _read_json(run / HOST)
-    else:
-        result.status = f"unfinished (epoch {len(log)} of {cfg.epochs})"
+    result = RunResult(training, state, **vars(read_run(run)))
+    if state != "finished":
+        result.status = f"unfinished (epoch {len(result.log)} of {result.config.epochs})"
     return result
 
 
@@ -255,7 +209,7 @@ def collect(plan: Plan, out, index: dict | None = None) -> Results:
         runs[group] = results
     res = Results(plan, runs, {})
     for job in plan.analyses:
-        stored = _read_json(out / "analysis" / f"{job.name}.json") or {}
+        stored = read_json(out / "analysis" / f"{job.name}.json") or {}
         seeds, waiting = {}, []
         for key, inputs in _analysis_inputs(job, res).items():
             entry = stored.get("seeds", {}).get(key)
@@ -263,10 +217,8 @@ def collect(plan: Plan, out, index: dict | None = None) -> Results:
                 waiting += [res.status(g) for g in job.all_groups() if not res.finished(g)] or ["not run yet"]
             elif entry and entry["runs"] == _ids(inputs, job) and stored.get("options") == _options(job):
                 seeds[key] = entry["rows"]
-            elif job.needs_model and not all(r.has_checkpoint for r in inputs.values()):
-                waiting.append("needs checkpoint, re-run")
             else:
-                waiting.append("not run yet")
+                waiting.append(_lacks(job, inputs) or "not run yet")
         png = out / "analysis" / f"{job.name}.png"
         status = "done" if seeds else (waiting[0] if waiting else "not run yet")
         res.analyses[job.name] = {"status": status, "seeds": seeds,
@@ -291,7 +243,8 @@ def _analysis_inputs(job, res: Results) -> dict[str, dict[str, RunResult] | None
 
 def _ids(inputs: dict[str, RunResult], job) -> list[str]:
     """What an analysis result was computed from: the runs, and for one that reads eval.json, the eps it held."""
-    return [f"{key}={r.dir.name}" + (f" eval {','.join((r.eval or {}).get('accuracy', {}))}" if job.needs_eval
+    return [f"{key}={r.dir.name}" + (f" eval {','.join((r.eval or {}).get('accuracy', {}))}"
+                                     if get_analysis(job.kind).NEEDS == "eval"
                                      else "") for key, r in inputs.items()]
 
 
@@ -320,25 +273,13 @@ def _evaluate(res: Results, device: str, say: Callable[[str], None]) -> None:
             except DataError as e:
                 say(f"evaluate {r.dir.name}: no data ({e})")
                 continue
-            r.eval = {**new, "accuracy": {**done["accuracy"], **new["accuracy"]}}
-            _write_json(Path(new["path"]), {k: v for k, v in r.eval.items() if k != "path"})
-
-
-def _test_data(r: RunResult, cache: dict):
-    cfg = r.config
-    if r.training.available:
-        cfg = cfg.replace(data_dir=r.training.config.data_dir)
-    key = (cfg.dataset, cfg.data_dir, cfg.grayscale)
-    if key not in cache:
-        data = load_data(cfg.replace(train_subset=None, val_size=0))
-        cache[key] = (data.test_x, data.test_y)
-    return cache[key]
+            r.eval = read_json(Path(new["path"]))  # evaluate_run added the new eps to those it held
 
 
 def _analyze(res: Results, out: Path, device: str, cache: dict, say: Callable[[str], None]) -> None:
     for job in res.plan.analyses:
         path = out / "analysis" / f"{job.name}.json"
-        stored = _read_json(path) or {}
+        stored = read_json(path) or {}
         if stored.get("options") != _options(job):
             stored = {"analysis": job.kind, "options": _options(job), "seeds": {}}
         changed = False
@@ -346,134 +287,53 @@ def _analyze(res: Results, out: Path, device: str, cache: dict, say: Callable[[s
             if inputs is None:
                 continue
             entry = stored["seeds"].get(key)
-            if entry and entry["runs"] == _ids(inputs, job):
+            if entry and entry["runs"] == _ids(inputs, job) and entry.get("version", 1) >= version(job.kind):
+                continue  # up to date (an older version's rows stay until the runs' checkpoints allow a new one)
+            why = _lacks(job, inputs)
+            if why:
+                say(f"analysis {job.name} ({key}): {why}")
                 continue
-            if job.needs_model and not all(r.has_checkpoint for r in inputs.values()):
-                say(f"analysis {job.name} ({key}): needs checkpoint, re-run")
-                continue
-            if job.needs_eval and not all(r.eval for r in inputs.values()):
-                continue  # evaluate first (not possible without a checkpoint)
             say(f"analysis {job.name} ({key})")
             try:
                 result = _compute(job, inputs, device, cache)
             except DataError as e:
                 say(f"analysis {job.name} ({key}): no data ({e})")
                 continue
-            module = get_analysis(job.kind)
-            stored["seeds"][key] = {"runs": _ids(inputs, job), "rows": _summary(job.kind, module.to_rows(result))}
+            stored["seeds"][key] = {"runs": _ids(inputs, job), "rows": report_rows(job.kind, result),
+                                    "version": version(job.kind)}
             path.parent.mkdir(parents=True, exist_ok=True)
             if key == min(stored["seeds"], key=_seed_order):  # the plot shows the first seed
-                module.plot(result, path.with_suffix(".png"))
+                get_analysis(job.kind).plot(result, path.with_suffix(".png"))
             changed = True
         if changed:
-            _write_json(path, stored)
+            write_json(path, stored)
 
 
 def _seed_order(key: str):
     return (0, int(key)) if key.isdigit() else (1, key)
 
 
+def _lacks(job, inputs: dict[str, RunResult]) -> str | None:
+    return next((why for why in (lacks(job.kind, r) for r in inputs.values()) if why), None)
+
+
 def _compute(job, inputs: dict[str, RunResult], device: str, cache: dict):
-    module = get_analysis(job.kind)
-    opts = dict(job.options)
-    if job.kind == "curves":
-        return module.compute({g: r.log for g, r in inputs.items()})
-    if job.kind == "robustness":  # eval.json's accuracy at eps x scale, for each way of reading eps
-        return module.compute([{"label": key.split("#")[0], "panel": name, "eps": e,
-                                "accuracy": r.eval["accuracy"][f"{e * scale:g}"]}
-                               for key, r in inputs.items() for name, scale in opts["readings"] for e in opts["eps"]
-                               if f"{e * scale:g}" in r.eval["accuracy"]])
-    if job.kind == "depth":
-        records = [{"depth": r.config.depth, "label": key.split("#")[0] if key.split("#")[0] != job.baseline
-                    else "baseline", "accuracy": r.metrics["test_acc"]} for key, r in inputs.items()]
-        return module.compute(records)
-    dev = _device(device)
-    first = inputs[job.groups[0]]
-    x, y = _test_data(first, cache)
-    if job.limit is not None:
-        x, y = x[: job.limit], y[: job.limit]
-    models = {g: load_run(r.dir, dev)[0] for g, r in inputs.items()}
-    if job.kind in ("strength", "tsne"):
-        return module.compute(models[job.groups[0]], x, y, **opts)
-    if job.kind == "jacobian":
-        return module.compute({g: models[g] for g in job.groups}, x, **opts)
-    if job.kind == "transfer":
-        return module.compute({g: models[g] for g in job.groups}, models[job.target], x, y, **opts)
-    raise ValueError(f"analysis kind {job.kind!r} has no runner in lwat.reproduce")
+    """`lwat.analysis.runs.compute` on an analysis job's runs: each labelled by its group."""
+    def group(key):
+        return key.split("#")[0]
 
-
-def _summary(kind: str, rows: list[dict]) -> list[dict]:
-    if kind == "tsne":  # per-image coordinates are in the plot; keep the accuracies
-        seen = {(r["kind"], r["eps"]): {"kind": r["kind"], "eps": r["eps"], "accuracy": r["accuracy"]} for r in rows}
-        return list(seen.values())
-    return rows
+    runs = [(group(key), r) for key, r in inputs.items() if group(key) in job.groups]
+    first = runs[0][1]
+    data_cfg = first.config.replace(data_dir=first.training.config.data_dir) if first.training.available \
+        else first.config  # the data may lie elsewhere than where the run was made
+    return compute_analysis(job.kind, runs, target=inputs.get(job.target),
+                            baseline=[r for key, r in inputs.items() if group(key) == job.baseline],
+                            device=resolve_device(device), limit=job.limit, data_cfg=data_cfg, cache=cache,
+                            **dict(job.options))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The report
-
-
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-
-
-def _train_seconds(runs) -> float:
-    return sum(sum(rec.get("seconds", 0.0) for rec in r.log or []) for r in runs)
-
-
-def _hardware(runs) -> str:
-    counts = Counter()
-    for r in runs:
-        device = (r.metrics or {}).get("device", "?")
-        host = r.host
-        if host is None:
-            counts[f"{device} (machine not recorded)"] += 1
-        elif host.get("gpu"):
-            counts[f"{host['gpu']} (torch {host.get('torch', '?')})"] += 1
-        else:
-            counts[f"CPU {host.get('cpu', '?')}, torch threads {host.get('threads', '?')} "
-                   f"(torch {host.get('torch', '?')})"] += 1
-    return "; ".join(f"{what}: {n} run{'s' * (n != 1)}" for what, n in counts.items()) or "no run finished"
-
-
-def _setup(res: Results) -> list[str]:
-    plan = res.plan
-    if plan.skipped:
-        return [f"- **Not run at {plan.scale} scale:** {plan.skipped}"]
-    cfgs = [t.config for t in plan.trainings]
-    models = ", ".join(dict.fromkeys(f"{c.model} (width {c.width:g})" for c in cfgs))
-    data = []
-    for group, runs in res.runs.items():
-        done = [r for r in runs if r.config is not None]
-        t = runs[0].training
-        label = (data_label(done[0].config.dataset, done[0].config.data_dir) if done
-                 else data_label(t.config.dataset, t.config.data_dir) + ("" if t.available else ": not given"))
-        data.append(label)
-    subsets = ", ".join(dict.fromkeys(f"{c.train_subset:,} (class-balanced subset)" if c.train_subset else "all"
-                                      for c in cfgs))
-    schedule = ", ".join(dict.fromkeys(f"{c.epochs} epochs, batch {c.batch_size}, lr {c.lr:g} / {c.lr_drop_factor:g} "
-                                       f"every {c.lr_drop_every}" for c in cfgs))
-    aug = ", ".join(dict.fromkeys(" + ".join([n for n, on in (("flip", c.flip), ("crop", c.crop)) if on]) or "none"
-                                  for c in cfgs))
-    eps = ", ".join(dict.fromkeys(f"{c.eps:g} ({c.scale} scaling)" for c in cfgs))
-    finished = [r for runs in res.runs.values() for r in runs if r.finished]
-    return [f"- Models: {models}",
-            f"- Data: {', '.join(dict.fromkeys(data))}; training images: {subsets}",
-            f"- Training: {schedule}; augmentation: {aug}; SGD with Nesterov momentum 0.9, weight decay "
-            f"{cfgs[0].weight_decay:g}; layerwise eps {eps}",
-            f"- Seeds: {plan.seeds} planned per row; {len(finished)} of {len(plan.trainings)} planned trainings "
-            f"finished (rows average every finished seed, n below)",
-            f"- Wall time (the logs' training seconds, evaluation excluded): {_hours(_train_seconds(finished))}; "
-            f"hardware: {_hardware(finished)}"]
-
-
-def render_section(res: Results) -> list[str]:
-    """The report section of one preset: caption, setup, notes, tables with the paper's numbers, claims, plots."""
-    preset = PRESETS[res.plan.preset]
-    lines = [f"## {preset.name}: {preset.title}", "", f"> Paper, {PAPER[preset.name]['caption']}", ""]
-    lines += _setup(res) + [""]
-    lines += [f"Note: {n}" for n in res.plan.notes] + ([""] if res.plan.notes else [])
-    return lines + preset.render(res) + [""]
 
 
 def write_report(out, scale: str, *, targets=(), seeds: int | None = None, data: dict | None = None,
@@ -504,27 +364,11 @@ def write_report(out, scale: str, *, targets=(), seeds: int | None = None, data:
         found = [r for runs in res.runs.values() for r in runs if r.dir is not None]
         if name not in targets and not found:
             continue
-        sections += render_section(res)
+        sections += report.section(preset, res)
         for r in found:
             if r.finished:
                 used[r.dir] = r
-    runs = list(used.values())
-    labels = sorted({data_label(r.config.dataset, r.config.data_dir) for r in runs})
-    lines = ["# Reproduction of Sankaranarayanan et al., \"Regularizing deep networks using efficient layerwise "
-             "adversarial training\" (AAAI 2018)", "",
-             f"- Scale: **{scale}**: {SCALES[scale]}."]
-    if command:
-        lines.append(f"- Command: `{command}`")
-    missing = [f"{s.label.split(' (')[0]} not given: only finished runs found under runs/ are reported"
-               for s in data.values() if not s.available]
-    lines += [f"- Data: {'; '.join(labels + missing) or 'no run finished yet'}",
-              f"- Finished trainings: {len(runs)}; wall time summed from their logs: {_hours(_train_seconds(runs))}",
-              f"- Hardware: {_hardware(runs)}",
-              "- Our numbers are mean ± sample std over seeds (n = seeds); the paper's are copied from its text. "
-              "Claims are computed from the numbers below, so they may say no.", ""]
-    if scale == "smoke":
-        lines += ["**Smoke scale: the numbers below only show that every step runs; they say nothing about the "
-                  "paper.**", ""]
+    lines = report.header(scale, list(used.values()), data, command)
     path = out / REPORT
     out.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines + sections).rstrip() + "\n")

@@ -1,13 +1,7 @@
-"""One method-agnostic training loop: run directories, atomic checkpoints, bit-exact resume, signals, logs.
+"""One method-agnostic training loop: build, step, checkpoint, resume bit-exact, stop on signals, log.
 
-A run directory holds
-    config.json      the full resolved TrainConfig
-    log.jsonl        one line per epoch: train loss/accuracy (on the perturbed activations), test (and val)
-                     accuracy, lr, seconds, images/s
-    metrics.json     the final metrics, written when the run completes
-    checkpoint.pt    model, optimizer, scheduler, GradScaler, perturbation cache, RNG states, epoch and batch
-                     (under torchrun also every rank's cache and RNG state); written atomically at every epoch end
-                     and on SIGINT/SIGTERM (at the next step boundary)
+What a run directory holds and how it is written (atomic files, a checkpoint at every epoch end and on SIGINT/SIGTERM
+at the next step boundary, the previous checkpoint kept) is `lwat.rundir`'s; this file only calls it.
 The loop knows nothing about methods beyond `lwat.methods.Method`: what is perturbed happens in the model
 (lwat.attach) and in the method's step, which runs its passes through the `Passes` the loop gives it (autocast,
 loss scaling, DDP). Scale: --amp bf16/fp16, --channels-last, --compile, and torchrun for several processes
@@ -18,12 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,31 +27,19 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import lwat
-from lwat.config import ConfigError, TrainConfig
+from lwat import rundir
+from lwat.config import ConfigError, TrainConfig, resolve_device
 from lwat.data import LOADERS, Loader, load_dataset
-from lwat.evaluate import accuracy, robustness
+from lwat.evaluate import accuracy
 from lwat.methods import Passes, get_method
 from lwat.models import build_model, model_options
+from lwat.rundir import CONFIG
 
-CONFIG, LOG, METRICS, CHECKPOINT = "config.json", "log.jsonl", "metrics.json", "checkpoint.pt"
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # TrainConfig.amp -> autocast dtype
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message says why and what was kept."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' is CUDA when available, else CPU; anything else is passed to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device: unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name} requested but CUDA is not available")
-    return device
 
 
 def build(cfg: TrainConfig, num_classes: int, image_shape: tuple[int, int, int]):
@@ -125,7 +105,8 @@ def make_passes(model, handle=None, *, amp: str = "off", device_type: str = "cpu
 
 def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto",
           stop_after_steps: int | None = None) -> dict:
-    """Train (or continue training) one run, in this process or, under torchrun, in all of them (DDP).
+    """Train (or continue training) one run in directory `out` (`lwat.rundir`), in this process or, under torchrun,
+    in all of them (DDP).
 
     Under torchrun (WORLD_SIZE > 1 in the environment, or a process group initialized already) every process
     trains a DistributedDataParallel replica: gloo on CPU, nccl on CUDA with device cuda:LOCAL_RANK. Each global
@@ -138,7 +119,7 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto"
     Args:
         cfg: the configuration (with resume=True it must equal the run's saved config).
         out: the run directory; created if missing. Without resume it must not hold a run already.
-        resume: continue from out/checkpoint.pt, bit-exact on CPU.
+        resume: continue from out's newest readable checkpoint (`lwat.rundir.resume_checkpoint`), bit-exact on CPU.
         progress: "bar" (tqdm), "lines" (one line per epoch on stdout), "none", or "auto" (bar on a terminal).
         stop_after_steps: behave as if interrupted after this many steps of this call (for tests).
 
@@ -155,8 +136,8 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto"
         saved = TrainConfig.from_file(out / CONFIG)
         if saved.replace(device=cfg.device) != cfg:  # the device may change, e.g. CPU -> GPU
             raise ConfigError(f"{out}: --resume continues the run with its saved config; it differs from the one given")
-        if not (out / CHECKPOINT).exists():
-            raise ConfigError(f"{out}: no {CHECKPOINT} to resume from")
+        if not rundir.has_checkpoint(out):
+            raise ConfigError(f"{out}: no {rundir.CHECKPOINT} to resume from")
     elif (out / CONFIG).exists():
         raise ConfigError(f"{out} already holds a run; use --resume {out} or another --out")
     with _process_group(cfg.device) as (rank, world, device):
@@ -188,7 +169,7 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
                     rows=slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size))
     epoch, start, sums = 0, 0, _new_sums()
     if resume:
-        ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+        ckpt = rundir.resume_checkpoint(out)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -199,9 +180,13 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
         if handle is not None:
             handle.load_state_dict(_to(mine["perturbation"], device))
         _set_rng(mine["rng"], device)
+        if rank == 0:
+            rundir.truncate_log(out, epoch)  # epochs logged after this checkpoint are trained again
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / CONFIG, cfg.to_dict())
+        rundir.write_json(out / CONFIG, cfg.to_dict())
+    if rank == 0:
+        rundir.write_host(out, cfg)
     meta = {"num_classes": data.num_classes, "image_shape": list(data.image_shape), "classes": data.classes}
 
     def save(epoch, batch, sums):
@@ -212,12 +197,12 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
             ranks = [None] * world if rank == 0 else None
             dist.gather_object(mine, ranks, dst=0)
         if rank == 0:
-            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                          "perturbation": ranks[0]["perturbation"], "rng": ranks[0]["rng"],
-                          **({"ranks": ranks} if world > 1 else {}), "world_size": world,
-                          "epoch": epoch, "batch": batch, "sums": sums, "config": cfg.to_dict(), "data": meta},
-                         out / CHECKPOINT)
+            rundir.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                                    "perturbation": ranks[0]["perturbation"], "rng": ranks[0]["rng"],
+                                    **({"ranks": ranks} if world > 1 else {}), "world_size": world,
+                                    "epoch": epoch, "batch": batch, "sums": sums, "config": cfg.to_dict(),
+                                    "data": meta}, out)
 
     mode = ("bar" if sys.stderr.isatty() else "lines") if progress == "auto" else progress
     mode = mode if rank == 0 else "none"
@@ -238,9 +223,7 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
                     dist.all_reduce(stats)
                 loss_sum, correct, stopping = stats.tolist()
                 if not math.isfinite(loss_sum):
-                    raise TrainingError(f"non-finite loss ({loss_sum}) at epoch {epoch + 1}, batch {batch + 1}; "
-                                        f"stopped. The last good checkpoint is kept in {out} (try a smaller lr "
-                                        "or eps)")
+                    raise _non_finite(loss_sum, epoch, batch, out, rank)
                 scaler.step(opt)  # opt.step(), unless an fp16 gradient overflowed (then skipped)
                 scaler.update()
                 sums["loss"] += loss_sum
@@ -271,8 +254,7 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
             sched.step()
             epoch, start, sums = epoch + 1, 0, _new_sums()
             if rank == 0:
-                with open(out / LOG, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                rundir.append_log(out, record)
             save(epoch, 0, sums)
             if mode == "lines":
                 print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
@@ -281,8 +263,9 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
                 return {"status": "interrupted", "epoch": epoch, "batch": 0, "run_dir": str(out)}
     metrics = None
     if rank == 0:
-        metrics = {**summarize(read_log(out), cfg, method.passes), "world_size": world}
-        _write_json(out / METRICS, metrics)
+        metrics = {**rundir.summarize(rundir.read_log(out), cfg, method.passes), "world_size": world}
+        rundir.write_json(out / rundir.METRICS, metrics)
+        rundir.drop_previous(out)
     if world > 1:
         box = [metrics]
         dist.broadcast_object_list(box, src=0)
@@ -290,73 +273,15 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
     return metrics
 
 
-def summarize(log: list[dict], cfg: TrainConfig, passes: int) -> dict:
-    """Final metrics of a finished run from its per-epoch log."""
-    last = log[-1]
-    seconds = sum(r["seconds"] for r in log)
-    images = sum(r["images_per_s"] * r["seconds"] for r in log)
-    metrics = {"status": "finished", "method": cfg.method, "model": cfg.model, "epochs": len(log),
-               "test_acc": last["test_acc"], "best_test_acc": max(r["test_acc"] for r in log),
-               "train_acc": last["train_acc"], "train_loss": last["train_loss"],
-               "train_seconds": seconds, "images_per_s": images / seconds, "passes_per_step": passes,
-               "device": str(resolve_device(cfg.device)), "torch": torch.__version__}
-    if "val_acc" in last:
-        metrics["val_acc"] = last["val_acc"]
-    return metrics
-
-
-def read_log(run_dir) -> list[dict]:
-    with open(Path(run_dir) / LOG) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def load_run(path, device="cpu"):
-    """A trained model (plain, eval mode, on `device`) and its config, from a run directory or checkpoint file.
-
-    Returns:
-        (model, cfg, meta) with meta = {"num_classes", "image_shape", "classes"}.
-    """
-    path = Path(path)
-    ckpt_path = path / CHECKPOINT if path.is_dir() else path
-    if not ckpt_path.is_file():
-        raise ConfigError(f"{path}: no run directory or checkpoint file there")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        cfg, meta = TrainConfig.from_dict(ckpt["config"]), ckpt["data"]
-    except (RuntimeError, KeyError, EOFError) as e:
-        raise ConfigError(f"{ckpt_path}: not an lwat checkpoint ({e})") from None
-    model, handle = build(cfg.replace(method="baseline"), meta["num_classes"], tuple(meta["image_shape"]))
-    model.load_state_dict(ckpt["model"])  # attach leaves the keys alone: the plain model takes the weights
-    return model.to(device).eval(), cfg, meta
-
-
-def evaluate_run(path, *, eps_list=(0.0, 0.02, 0.04, 0.06, 0.08, 0.1), attack: str = "fgsm", device="auto",
-                 batch_size: int = 500, data_dir=None) -> dict:
-    """Clean and attacked test accuracy of a trained run; written as eval.json beside its checkpoint.
-
-    Args:
-        path: run directory or checkpoint file.
-        eps_list: attack radii, pixel units of [0, 1] images (0 = clean).
-        attack: "fgsm" or "pgd".
-        device: where to evaluate ("auto": CUDA when present).
-        batch_size: images per batch.
-        data_dir: the data's location if it moved since training.
-
-    Returns:
-        {"accuracy": {eps as text: fraction}, "attack", "path" (of eval.json), "run"}.
-    """
-    device = resolve_device(device)
-    model, cfg, _ = load_run(path, device)
-    if data_dir is not None:
-        cfg = cfg.replace(data_dir=str(data_dir))
-    data = load_data(cfg)
-    acc = robustness(model, data.test_x, data.test_y, eps_list, attack=attack, batch_size=batch_size,
-                     progress=sys.stderr.isatty())
-    path = Path(path)
-    out = (path if path.is_dir() else path.parent) / "eval.json"
-    result = {"run": str(path), "attack": attack, "accuracy": {f"{e:g}": a for e, a in acc.items()}}
-    _write_json(out, result)
-    return {**result, "path": str(out)}
+def _non_finite(loss_sum: float, epoch: int, batch: int, out: Path, rank: int) -> TrainingError:
+    where = f"non-finite loss ({loss_sum}) at epoch {epoch + 1}, batch {batch + 1}; stopped"
+    if rundir.has_checkpoint(out):
+        return TrainingError(f"{where}. The last good checkpoint is kept in {out} (a resume repeats the same steps: "
+                             "train again with a smaller lr or eps)")
+    if rank == 0:
+        rundir.discard_start(out)
+    return TrainingError(f"{where} before the first checkpoint: nothing was kept, and {out} can be trained again "
+                         "(try a smaller lr or eps)")
 
 
 def _new_sums():
@@ -438,26 +363,6 @@ def _accuracy(model, x, y, batch_size: int, world: int, device) -> float:
     total = torch.tensor(float(correct), device=device)
     dist.all_reduce(total)
     return total.item() / len(y)
-
-
-def _atomic_save(obj, path: Path):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json(path: Path, obj):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

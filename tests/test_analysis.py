@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lwat.analysis import ANALYSES, curves, depth, get_analysis, jacobian, robustness, strength, transfer, tsne
+import lwat
+from lwat.analysis import curves, depth, get_analysis, jacobian, robustness, strength, transfer, tsne
 from lwat.data import synthetic_dataset
-from lwat.evaluate import accuracy
 from lwat.models import build_model
+from reference import (clean_predictions, fgsm_predictions, fraction, previous_batch_predictions,
+                       random_input_predictions)
 
 
 def fit(model, ds, steps=60, lr=0.2):
@@ -44,52 +46,86 @@ def assert_png(path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_registry():
-    assert set(ANALYSES) == {"strength", "tsne", "jacobian", "transfer", "depth", "curves", "robustness"}
-    for module in ANALYSES.values():
-        assert callable(module.compute) and callable(module.plot) and callable(module.to_rows)
+def test_unknown_analysis():
     assert get_analysis("tsne") is tsne
     with pytest.raises(ValueError, match="unknown analysis 'nope'"):
         get_analysis("nope")
 
 
-def test_strength(trained, data, device, tmp_path):
-    model = copy.deepcopy(trained).to(device)
-    res = strength.compute(model, data.test_x, data.test_y, eps_list=(0, 0.1, 3.0), batch_size=16)
-    clean = accuracy(model, data.test_x, data.test_y)
+def tolerance(device, y):
+    # On CPU the numbers equal the hand references exactly; elsewhere kernels may flip one image's prediction.
+    return 1e-12 if device.type == "cpu" else 1.5 / len(y)
+
+
+def test_strength_against_hand_references(trained, data, device, tmp_path):
+    x, y = data.test_x, data.test_y
+    res = strength.compute(copy.deepcopy(trained).to(device), x, y, eps_list=(0, 0.1, 3.0), batch_size=16)
     assert res["eps"] == [0.0, 0.1, 3.0]
-    assert set(res["accuracy"]) == {"fgsm", "layerwise", "input_prev", "random"}
-    for kind, values in res["accuracy"].items():
-        assert values[0] == pytest.approx(clean, abs=1e-12), kind
-        assert all(0 <= v <= 1 for v in values)
-    assert res["accuracy"]["fgsm"][2] < clean and res["accuracy"]["layerwise"][2] < clean
+    assert set(res["accuracy"]) == {"fgsm", "layerwise", "input_prev", "input_random", "random"}
+    points, tol = lwat.default_points(trained), tolerance(device, y)
+    clean = fraction(clean_predictions(trained, x), y)
+    for i, e in enumerate(res["eps"]):
+        refs = {"fgsm": fgsm_predictions(trained, x, y, e, 16),
+                "layerwise": previous_batch_predictions(copy.deepcopy(trained), x, y, e, points, 16),
+                "input_prev": previous_batch_predictions(copy.deepcopy(trained), x, y, e, points, 16, input_only=True),
+                "input_random": random_input_predictions(copy.deepcopy(trained).to(device), x, e, 16, seed=0)}
+        for kind, pred in refs.items():
+            assert res["accuracy"][kind][i] == pytest.approx(fraction(pred, y), abs=tol), (kind, e)
+    assert res["accuracy"]["random"][0] == pytest.approx(clean, abs=tol)  # random signs of size 0: clean
+    assert res["accuracy"]["layerwise"][2] < clean  # and the references themselves are not the clean model
+    assert res["accuracy"]["input_random"][2] < clean  # random signs of size 3 at the input destroy the images
+    only = strength.compute(copy.deepcopy(trained).to(device), x, y, eps_list=(0.1,), batch_size=16,
+                            kinds=("input_random",))
+    assert only["accuracy"] == {"input_random": [res["accuracy"]["input_random"][1]]}
+    with pytest.raises(ValueError, match="unknown kind"):
+        strength.compute(trained, x, y, kinds=("sideways",))
     rows = strength.to_rows(res)
-    assert len(rows) == 12 and set(rows[0]) == {"kind", "eps", "accuracy"}
+    assert len(rows) == 15 and set(rows[0]) == {"kind", "eps", "accuracy"}
     strength.plot(res, tmp_path / "strength.png")
     assert_png(tmp_path / "strength.png")
 
 
-def test_tsne(trained, data, device, tmp_path):
-    model = copy.deepcopy(trained).to(device)
-    res = tsne.compute(model, data.test_x, data.test_y, classes=(2, 5), eps_list=(0, 2.0), n_per_class=6,
-                       seed=0, batch_size=16)
-    n = int(((data.test_y == 2).sum().clip(max=6) + (data.test_y == 5).sum().clip(max=6)).item())
-    assert sorted(set(res["labels"].tolist())) == [2, 5] and len(res["labels"]) == n
-    for kind in ("adversarial", "random"):
-        assert len(res["embedding"][kind]) == 2
-        assert all(e.shape == (n, 2) and np.isfinite(e).all() for e in res["embedding"][kind])
-    # eps 0: both kinds are the clean accuracy on the shown images.
-    mask = (data.test_y == 2) | (data.test_y == 5)
-    idx = torch.nonzero(mask).flatten()
-    idx = torch.cat([idx[data.test_y[idx] == 2][:6], idx[data.test_y[idx] == 5][:6]])
-    clean = accuracy(model, data.test_x[idx], data.test_y[idx])
-    assert res["accuracy"]["adversarial"][0] == pytest.approx(clean)
-    assert res["accuracy"]["random"][0] == pytest.approx(clean)
-    # Same seed, same embedding.
-    again = tsne.compute(model, data.test_x, data.test_y, classes=(2, 5), eps_list=(0, 2.0), n_per_class=6,
-                         seed=0, batch_size=16)
-    np.testing.assert_allclose(again["embedding"]["random"][1], res["embedding"]["random"][1])
-    assert len(tsne.to_rows(res)) == 2 * 2 * n
+def gaussian_reference(model, x, eps, points, batch_size, seed):
+    """Figure 1's random row by hand: eps * N(0, 1) noise added at each point, drawn from one generator seeded with
+    `seed`, batch by batch, point by point in forward order; returns (penultimate features, predictions)."""
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(lambda m, a, out: out + eps * torch.randn(out.shape, generator=g))
+             for n in points]
+    feats, preds = [], []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                h = model.layers[:-1](model.normalize(x[i:i + batch_size].float() / 255))
+                feats.append(h)
+                preds.append(model.layers[-1](h).argmax(1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat(feats), torch.cat(preds)
+
+
+def test_tsne_against_hand_references(trained, data, tmp_path):
+    from sklearn.manifold import TSNE
+
+    x, y = data.test_x, data.test_y
+    res = tsne.compute(copy.deepcopy(trained), x, y, classes=(2, 5), eps_list=(0, 2.0), n_per_class=6, seed=0,
+                       batch_size=16)
+    idx = torch.cat([torch.nonzero(y == c).flatten()[:6] for c in (2, 5)]).sort().values
+    assert res["labels"].tolist() == y[idx].tolist()
+    points = lwat.default_points(trained)
+    for i, e in enumerate(res["eps"]):
+        adversarial = previous_batch_predictions(copy.deepcopy(trained), x, y, e, points, 16)[idx]  # all of x streamed
+        feats, random = gaussian_reference(trained, x[idx], e, points, 16, seed=0)
+        assert res["accuracy"]["adversarial"][i] == pytest.approx(fraction(adversarial, y[idx]), abs=1e-12), e
+        assert res["accuracy"]["random"][i] == pytest.approx(fraction(random, y[idx]), abs=1e-12), e
+        embedding = TSNE(2, perplexity=(len(idx) - 1) / 3, init="pca", random_state=0).fit_transform(
+            feats.double().numpy())
+        np.testing.assert_allclose(res["embedding"]["random"][i], embedding, rtol=1e-6, atol=1e-6)
+    assert res["accuracy"]["adversarial"][1] < res["accuracy"]["adversarial"][0]
+    assert len(tsne.to_rows(res)) == 2 * 2 * len(idx)
+    assert tsne.summary_rows(res) == [{"kind": k, "eps": e, "accuracy": res["accuracy"][k][i]}
+                                      for k in ("adversarial", "random") for i, e in enumerate(res["eps"])]
     tsne.plot(res, tmp_path / "tsne.png")
     assert_png(tmp_path / "tsne.png")
 
@@ -131,17 +167,18 @@ def test_jacobian_end_to_end(trained, data, device, tmp_path):
     assert_png(tmp_path / "jacobian.png")
 
 
-def test_transfer(trained, data, device, tmp_path):
+def test_transfer_against_hand_fgsm(trained, data, device, tmp_path):
     torch.manual_seed(2)
-    other = fit(build_model("mlp_tanh", 10, image_size=8, hidden=(24,)), data).to(device)
-    target = copy.deepcopy(trained).to(device)
-    sources = {"self": target, "other": other}
-    res = transfer.compute(sources, target, data.test_x, data.test_y, eps_list=(0, 0.05, 0.2), batch_size=20)
-    clean = accuracy(target, data.test_x, data.test_y)
-    assert res["accuracy"]["self"][0] == res["accuracy"]["other"][0] == pytest.approx(clean)
-    # Crafted on the target itself: plain white-box FGSM accuracy.
-    assert res["accuracy"]["self"][2] == pytest.approx(
-        accuracy(target, data.test_x, data.test_y, attack="fgsm", eps=0.2))
+    other = fit(build_model("mlp_tanh", 10, image_size=8, hidden=(24,)), data)
+    x, y = data.test_x, data.test_y
+    sources = {"self": copy.deepcopy(trained).to(device), "other": copy.deepcopy(other).to(device)}
+    res = transfer.compute(sources, copy.deepcopy(trained).to(device), x, y, eps_list=(0, 0.05, 0.2), batch_size=20)
+    tol = tolerance(device, y)
+    for name, source in (("self", trained), ("other", other)):
+        for i, e in enumerate(res["eps"]):  # FGSM crafted on the source, classified by the target, by hand
+            ref = fraction(fgsm_predictions(trained, x, y, e, 20, source=source), y)
+            assert res["accuracy"][name][i] == pytest.approx(ref, abs=tol), (name, e)
+    assert res["accuracy"]["self"][2] != res["accuracy"]["other"][2]  # the source matters
     assert len(transfer.to_rows(res)) == 6
     transfer.plot(res, tmp_path / "transfer.png")
     assert_png(tmp_path / "transfer.png")

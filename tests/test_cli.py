@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from lwat.analysis import ANALYSES
 from lwat.cli import main, make_parser
 from lwat.config import TrainConfig
 
@@ -37,6 +38,9 @@ SMALL = ["--model", "mlp_tanh", "--dataset", "synthetic", "--epochs", "1", "--ba
     (["--method", "pgd"], "unknown method 'pgd'"),
     (["--eps", "-1"], "eps must be >= 0"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "--download on the command line"),
+    (["--lr", "nan"], "lr must be a finite number, got nan"),
+    (["--eps", "inf"], "eps must be a finite number, got inf"),
     (["--scale", "max"], "unknown scale 'max'"),
 ])
 def test_bad_train_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
@@ -83,12 +87,41 @@ def test_eval_prints_table_and_writes_json(capsys, tmp_path):
     assert code == 2 and "no run directory or checkpoint" in err
 
 
+@pytest.mark.parametrize("damage", ["cut", "config"])
+def test_damaged_or_foreign_checkpoint_is_one_line_exit_2(damage, capsys, tmp_path):
+    run_dir = tmp_path / "r"
+    assert run(capsys, "train", *SMALL, "--out", str(run_dir))[0] == 0
+    ckpt = run_dir / "checkpoint.pt"
+    if damage == "cut":  # a checkpoint cut short (its first 5,000 bytes)
+        ckpt.write_bytes(ckpt.read_bytes()[:5000])
+    target = run_dir if damage == "cut" else run_dir / "config.json"  # config.json: a file that is no checkpoint
+    code, _, err = run(capsys, "eval", str(target), "--eps", "0", "--device", "cpu")
+    named = ckpt if damage == "cut" else target
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"lwat: error: {named}: not a readable lwat checkpoint"), err
+
+
 def test_demo_end_to_end(capsys, tmp_path):
     code, out, err = run(capsys, "demo", "--epochs", "2", "--seeds", "1", "--out", str(tmp_path), "--device", "cpu")
     assert code == 0, err
     assert "| baseline |" in out and "| lat |" in out
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert out.strip().endswith((tmp_path / "demo.md").read_text().strip())  # after per-epoch lines
+    # The per-seed gain line is lat's clean accuracy minus the baseline's, as the table rows print them.
+    clean = {m: float(next(l for l in out.splitlines() if l.startswith(f"| {m} |")).split("|")[2])
+             for m in ("baseline", "lat")}
+    gain = float(out.split("lat - baseline per seed (points): clean ")[1].split(";")[0])
+    assert abs(gain - (clean["lat"] - clean["baseline"])) < 0.11, (gain, clean)
+    # Fewer epochs in the same folder: new runs of that length, not the 2-epoch ones labelled "1 epochs".
+    code, out, err = run(capsys, "demo", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path), "--device", "cpu")
+    assert code == 0, err
+    one_epoch = {json.loads(p.read_text())["method"]: p.parent for p in tmp_path.glob("*/config.json")
+                 if json.loads(p.read_text())["epochs"] == 1}
+    assert set(one_epoch) == {"baseline", "lat"} and "1 epochs" in out
+    for method, run_dir in one_epoch.items():
+        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        row = next(line for line in out.splitlines() if line.startswith(f"| {method} |"))
+        assert len(log) == 1 and row.endswith(f"| {log[0]['images_per_s']:.0f} |"), (row, log)
 
 
 def test_analyze_every_analysis_on_tiny_runs(capsys, tmp_path):
@@ -106,12 +139,21 @@ def test_analyze_every_analysis_on_tiny_runs(capsys, tmp_path):
         "transfer": [base, lat, fgsm, "--target", base, "--eps", "0", "0.05"],
         "depth": [shallow, lat, "--baseline", base],
         "curves": [base, lat],
+        "robustness": [base, lat, "--eps", "0", "0.1"],
     }
+    assert set(calls) == set(ANALYSES)  # every registered analysis, through the command line
+    for r in (base, lat):  # robustness reads eval.json
+        assert run(capsys, "eval", r, "--eps", "0", "0.05", "0.1", "--device", "cpu")[0] == 0
     for name, argv in calls.items():
         code, out, err = run(capsys, "analyze", name, *argv, "--out", str(tmp_path / "a"), "--device", "cpu")
         assert code == 0, (name, err)
         for ext in ("png", "csv", "json"):
             assert (tmp_path / "a" / f"{name}.{ext}").stat().st_size > 0
+    drawn = {(r["label"], r["eps"]): r["mean"] for r in json.loads((tmp_path / "a" / "robustness.json").read_text())["rows"]}
+    evals = {m: json.loads((tmp_path / m / "eval.json").read_text())["accuracy"] for m in ("baseline", "lat")}
+    assert drawn == {(m, e): evals[m][f"{e:g}"] for m in evals for e in (0.0, 0.1)}
+    code, _, err = run(capsys, "analyze", "robustness", fgsm, "--device", "cpu")  # never evaluated
+    assert code == 2 and "not evaluated yet" in err and err.count("\n") == 1, err
     rows = json.loads((tmp_path / "a" / "strength.json").read_text())["rows"]
     clean = [r["accuracy"] for r in rows if r["eps"] == 0]
     assert len(set(clean)) == 1  # every attack at eps 0 is the clean accuracy

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from lwat.config import ConfigError, TrainConfig
-from lwat.train import CHECKPOINT, read_log, train
+from lwat.rundir import CHECKPOINT, read_log
+from lwat.train import train
 
 # lat on a small VGG: 80 synthetic images, 8 per rank and step, so 5 global batches of 16 per epoch.
 LAT = dict(model="vgg16_bn", width=0.125, dataset="synthetic", train_subset=80, batch_size=8, epochs=2,
@@ -118,8 +119,8 @@ def test_rank0_writes_the_run_and_metrics_are_global(runs):
     metrics = json.loads((runs / "full" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics == load(runs, "full")[0]["result"]
     assert log[0]["images_per_s"] * log[0]["seconds"] == pytest.approx(80)  # both ranks' images counted
-    assert sorted(p.name for p in (runs / "cli").iterdir()) == ["checkpoint.pt", "config.json", "log.jsonl",
-                                                                  "metrics.json"]
+    assert sorted(p.name for p in (runs / "cli").iterdir()) == ["checkpoint.pt", "config.json", "host.json",
+                                                                  "log.jsonl", "metrics.json"]
     assert load(runs, "cli")[0]["result"] == 0
 
 

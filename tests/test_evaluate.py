@@ -12,6 +12,7 @@ from lwat.attacks import fgsm
 from lwat.data import synthetic_dataset
 from lwat.evaluate import (accuracy, layerwise_attack_accuracy, layerwise_attack_outputs, penultimate_features,
                            robustness)
+from reference import fraction, previous_batch_predictions
 
 
 @pytest.fixture(scope="module")
@@ -25,39 +26,7 @@ def clean_reference(model, x, y):
 
 
 def previous_batch_reference(model, x, y, eps, points, batch_size, input_only=False):
-    """Section 3.3 by hand on a plain model: forward hooks add eps * sign(dJ/da of the previous batch) at each
-    point (or at the input), gradients by torch.autograd.grad w.r.t. the activations."""
-    modules = dict(model.named_modules())
-    signs, acts = {}, {}
-
-    def hook(name):
-        def f(module, args, out):
-            if name in signs:
-                out = out + eps * signs[name][:len(out)]
-            acts[name] = out
-            return out
-        return f
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in ([] if input_only else points)]
-    correct, prev_n = 0, None
-    try:
-        for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size].float() / 255, y[i:i + batch_size]
-            if input_only and "input" in signs:
-                xb = (xb + eps * signs["input"][:len(xb)]).clamp(0, 1)
-            xb.requires_grad_(True)
-            logits = model(xb)
-            correct += (logits.argmax(1) == yb).sum().item()
-            names = ["input"] if input_only else points
-            tensors = [xb] if input_only else [acts[n] for n in points]
-            grads = torch.autograd.grad(F.cross_entropy(logits, yb), tensors)
-            if prev_n is None or len(xb) >= prev_n:  # a smaller last batch keeps the cache
-                signs = {n: g.sign() for n, g in zip(names, grads)}
-                prev_n = len(xb)
-    finally:
-        for h in handles:
-            h.remove()
-    return correct / len(y)
+    return fraction(previous_batch_predictions(model, x, y, eps, points, batch_size, input_only), y)
 
 
 def test_accuracy_clean_and_input_types(trained, device):

@@ -129,6 +129,11 @@ def test_fgsm_inter_and_lat_joint_by_hand(device):
     torch.testing.assert_close(logits, adv_logits.detach(), rtol=1e-4, atol=1e-5)
     for p, gc, ga in zip(model.parameters(), g_clean, g_adv):
         torch.testing.assert_close(p.grad, 0.5 * gc + 0.5 * ga, rtol=1e-4, atol=1e-6)
+    # The cache is captured once per step, by the clean pass: it holds the clean gradient's signs, not the
+    # perturbed pass's (which would be a second capture, of no use: the next step's clean pass replaces it).
+    for i, g in zip((1, 4), g_clean[-2:]):
+        assert torch.equal(handle.state_dict()[str(i)]["signs"], torch.sign(g).to(torch.int8)), i
+    assert handle.capture  # restored after the step
 
     # lat-joint: on a fresh handle the first step's perturbed pass is unperturbed (nothing cached), so
     # both passes give the plain logits; the cache afterwards comes from the perturbed pass only.
@@ -146,6 +151,52 @@ def test_fgsm_inter_and_lat_joint_by_hand(device):
     assert all(torch.equal(cache[p], v["signs"]) for p, v in handle.state_dict().items())
     assert not torch.allclose(clean_out, model(x2), atol=1e-4)  # the second pass is perturbed
     assert method.passes == 2 and get_method("lat").passes == 1
+
+
+def test_lat_joint_is_eq3_with_the_previous_batch_signs(device):
+    """Ours-joint by hand: alpha J(x_t) + (1 - alpha) J(x_t with a_l + eps_l sign(g_l) at every point), g_l the
+    gradient cached at batch t-1 of that step's joint loss: (1 - alpha) dJ/da_l, so eps_l = eps (M - m) of it."""
+    torch.manual_seed(0)
+    net = small_net().to(device)
+    (x1, y1), (x2, y2) = data(device, seed=0), data(device, seed=1)
+    cfg = TrainConfig(method="lat-joint", alpha=0.3, eps=10.0)
+    model = copy.deepcopy(net)
+    method = get_method("lat-joint")
+    handle = lwat.attach(model, cfg.eps)
+    method.step(model, handle, x1, y1, cfg)  # batch t-1: fills the cache
+    for p in model.parameters():
+        p.grad = None
+    loss, logits = method.step(model, handle, x2, y2, cfg)
+
+    ref = copy.deepcopy(net)
+    params = list(ref.parameters())
+    acts, delta = {}, {}
+
+    def hook(i):
+        def fn(module, args, out):
+            out = out + delta[i] if i in delta else out
+            acts[i] = out
+            return out
+        return fn
+
+    for i in (1, 4):
+        ref[i].register_forward_hook(hook(i))
+    # Batch t-1: nothing cached yet, so its perturbed pass is the plain one.
+    g_prev = torch.autograd.grad(F.cross_entropy(ref(x1), y1), [acts[1], acts[4]])
+    perturbation = {}
+    for i, g in zip((1, 4), g_prev):
+        g = (1 - 0.3) * g
+        perturbation[i] = 10.0 * (g.max() - g.min()) * torch.sign(g)
+    clean = F.cross_entropy(ref(x2), y2)  # batch t, clean
+    g_clean = torch.autograd.grad(clean, params)
+    delta.update(perturbation)  # batch t, perturbed
+    perturbed_logits = ref(x2)
+    perturbed = F.cross_entropy(perturbed_logits, y2)
+    g_perturbed = torch.autograd.grad(perturbed, params)
+    torch.testing.assert_close(loss, (0.3 * clean + 0.7 * perturbed).detach())
+    torch.testing.assert_close(logits, perturbed_logits.detach(), rtol=1e-4, atol=1e-5)
+    for p, gc, gp in zip(model.parameters(), g_clean, g_perturbed):
+        torch.testing.assert_close(p.grad, 0.3 * gc + 0.7 * gp, rtol=1e-4, atol=1e-6)
 
 
 def test_unknown_method():

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lwat
 from lwat.models import (MODELS, VGG16_POOL_BN_DEPTHS, Normalize, build_model, cifar_resnet,
                          list_models, vgg16_bn, vgg_pool_depths)
 from lwat.models.common import CIFAR10_MEAN, CIFAR10_STD, cifar10_normalize
@@ -24,9 +25,13 @@ PARAM_COUNTS = {
     "resnet56": 853_018,
     "vgg16_bn": 14_991_946,
     "wrn16_4": 2_748_890,
+    # ViT defaults (dim 64, 4 blocks, MLP 128, 64 tokens): patch 3*16*64 + 64, positions 64 * 64,
+    # per block LN 128 + qkv 64*192 + 192 + proj 64*64 + 64 + LN 128 + fc1 64*128 + 128 + fc2 128*64 + 64,
+    # final LN 128, head 64*10 + 10.
+    "vit": 3136 + 4096 + 4 * (128 + 12480 + 4160 + 128 + 8320 + 8256) + 128 + 650,  # 141,898
 }
 # 2 per basic block + stem (ResNet); 13 conv + 1 classifier (VGG); 2 per block + final (WRN).
-BN_COUNTS = {"mlp_tanh": 0, "resnet20": 19, "resnet56": 55, "vgg16_bn": 14, "wrn16_4": 13}
+BN_COUNTS = {"mlp_tanh": 0, "resnet20": 19, "resnet56": 55, "vgg16_bn": 14, "wrn16_4": 13, "vit": 0}
 
 
 def n_params(model: nn.Module) -> int:
@@ -90,7 +95,6 @@ def test_parameter_and_batchnorm_counts(name):
 
 def test_wrn28_10_matches_paper_size():
     model = build_model("wrn28_10")
-    print(f"wrn28_10: {n_params(model):,} parameters")
     assert round(n_params(model) / 1e6, 1) == 36.5  # paper Table 7
     assert n_params(model) == 36_479_194  # reference WRN-28-10
     assert len(batchnorms(model)) == 25
@@ -115,9 +119,9 @@ def test_mlp_tanh_structure_and_digits_size():
 
 
 def test_vgg_dropout_layout():
-    drops = [m.p for m in vgg16_bn(width=0.25).modules() if isinstance(m, nn.Dropout)]
+    drops = [m.p for m in vgg16_bn(width=0.25, dropout=True).modules() if isinstance(m, nn.Dropout)]
     assert drops == [0.3] + [0.4] * 7 + [0.5, 0.5]  # cifar.torch vgg_bn_drop.lua
-    no_drop = vgg16_bn(width=0.25, dropout=False)
+    no_drop = vgg16_bn(width=0.25)  # the default, as TrainConfig's
     assert not [m for m in no_drop.modules() if isinstance(m, nn.Dropout)]
     with pytest.raises(TypeError):
         vgg16_bn(dropout=0.5)
@@ -125,8 +129,8 @@ def test_vgg_dropout_layout():
 
 def test_vgg_pool_depths():
     assert list(VGG16_POOL_BN_DEPTHS) == [2, 4, 7, 10, 13]  # Table 6: conv1 to pool1..pool5
+    assert vgg_pool_depths(vgg16_bn(width=0.25, dropout=True)) == [2, 4, 7, 10, 13]
     assert vgg_pool_depths(vgg16_bn(width=0.25)) == [2, 4, 7, 10, 13]
-    assert vgg_pool_depths(vgg16_bn(width=0.25, dropout=False)) == [2, 4, 7, 10, 13]
 
 
 def test_normalize_matches_reference():
@@ -162,3 +166,35 @@ def test_invalid_depths_rejected():
         build_model("wrn", depth=27)
     with pytest.raises(ValueError):
         cifar_resnet(21)
+
+
+def test_vit_layernorms_and_default_points():
+    model = build_model("vit", depth=2).train()
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    assert norms == ["blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2", "norm"]
+    executed = []  # LayerNorm points come in forward order, like BatchNorm ones
+    handles = [dict(model.named_modules())[n].register_forward_hook(lambda m, i, o, n=n: executed.append(n))
+               for n in norms]
+    with torch.no_grad():
+        model(torch.rand(1, 3, 32, 32))
+    for h in handles:
+        h.remove()
+    assert executed == norms
+    # No BatchNorm: attach's default is the patch embedding and every Linear but the head.
+    per_block = ["attn.qkv", "attn.proj", "mlp.0", "mlp.2"]
+    expected = ["patch"] + [f"blocks.{b}.{n}" for b in range(2) for n in per_block]
+    handle = lwat.attach(model, 10.0)
+    assert handle.points == expected
+    handle.detach()
+    assert lwat.attach(model, 10.0, points=norms).points == norms
+
+
+def test_vit_width_and_bad_sizes():
+    # width scales the token width, rounded to a multiple of the heads: 64 * 0.3 = 19.2 -> 4 * 5 = 20
+    assert build_model("vit", width=0.3).head.in_features == 20
+    assert build_model("vit", width=2.0).head.in_features == 128
+    assert build_model("vit", image_size=8, patch_size=2)(torch.rand(3, 3, 8, 8)).shape == (3, 10)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        build_model("vit", image_size=30)
+    with pytest.raises(ValueError, match="width"):
+        build_model("vit", width=0)

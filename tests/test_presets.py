@@ -12,9 +12,10 @@ import lwat.reproduce as rep
 from lwat.cli import main
 from lwat.config import TrainConfig
 from lwat.models import VGG16_POOL_BN_DEPTHS
+from lwat.evaluate import FGSM_EPS
+from lwat.paper.table4 import STANDARDIZED_EPS
 from lwat.presets import (
-    FGSM_EPS, PAPER, PRESETS, SCALES, STANDARDIZED_EPS, DataSource, data_identity, data_label, estimate_cpu_seconds,
-    list_presets, resolve_data, toy_config,
+    PRESETS, SCALES, DataSource, data_identity, data_label, estimate_cpu_seconds, list_presets, resolve_data, toy_config,
 )
 from lwat.reproduce import find_run, index_runs, reproduce, run_key
 from lwat.train import train
@@ -38,8 +39,8 @@ PAPER_SNIPPETS = {
                "| Ours - all layers | paper | 92.4 | 48.56 | 21.72 | 14.76 | 14.19 |"],
     "table2": ["| 0.1 | 0.03 | 12.47 | 6.05 |", "| 39.5 |", "| 43.3 |"],
     "table3": ["| CIFAR-100 | resnet56 | Perturbed | n/a |"],
-    "table4": ["| Baseline | paper | 89.4 | 67.5 | 49.6 | 41.2 | 37.3 | 34.7 | X |",
-               "| Ours-joint | paper | 91.5 | 86.07 | 81.38 | 75.72 | 70.25 | 64.76 | 2x |"],
+    "table4": ["| Baseline | paper | 89.4 | 67.5 | 49.6 | 41.2 | 37.3 | 34.7 |",
+               "| Ours-joint | paper | 91.5 | 86.07 | 81.38 | 75.72 | 70.25 | 64.76 |", "| Ours-joint | 2x |"],
     "table5": ["| CIFAR-100 | with Dropout | 70.5 |", "| 73.1 |"],
     "table6": ["| paper | 89.5 | 89.62 | 90.24 | 91.1 | 91.3 | 89.4 |"],
     "table7": ["| 3.62 ± 0.05 |", "| 17.1 ± 0.1 |"],
@@ -54,16 +55,55 @@ def test_every_preset_runs_at_smoke_scale_and_reports_beside_the_paper(target, s
     assert result["status"] == "finished"
     assert result["trainings"] and set(result["trainings"].values()) <= {"trained", "reused"}
     section = sections(Path(result["report"]).read_text())[target]
-    assert PAPER[target]["caption"] in section
+    assert PRESETS[target].caption in section
     for snippet in PAPER_SNIPPETS[target]:
         assert snippet in section, snippet
     for missing in ("not run yet", "needs checkpoint", "unfinished", "not measured yet"):
         assert missing not in section, missing
     ours = [line for line in section.splitlines() if "ours" in line and line.startswith("|")]
     assert ours or target.startswith("figure"), "no row of our numbers"
-    assert "**yes**" in section or "**no**" in section  # claims are computed
     for png in (smoke_out / "analysis").glob("*.png"):
         assert png.stat().st_size > 1000
+
+
+def test_report_numbers_and_claims_are_those_of_the_run_files(smoke_out):
+    """Table 6's row and claims against the runs' own metrics.json, read and compared by hand."""
+    section = sections(Path(reproduce("table6", out=smoke_out, **SMOKE)["report"]).read_text())["table6"]
+    acc = {}
+    for path in (smoke_out / "runs").glob("*/metrics.json"):
+        cfg = json.loads((path.parent / "config.json").read_text())
+        if cfg["model"] == "vgg16_bn" and not (cfg["flip"] or cfg["dropout"]) and cfg["dataset"] == "synthetic":
+            if cfg["method"] == "baseline" or (cfg["method"] == "lat" and cfg["depth"]):
+                acc[cfg["depth"] or "baseline"] = 100 * json.loads(path.read_text())["test_acc"]
+    assert set(acc) == {*VGG16_POOL_BN_DEPTHS, "baseline"}
+    row = [acc[d] for d in VGG16_POOL_BN_DEPTHS] + [acc["baseline"]]
+    assert "| ours | " + " | ".join(f"{a:.1f}" for a in row) + " |" in section
+    for k, depth in enumerate(VGG16_POOL_BN_DEPTHS, 1):
+        verdict = "yes" if acc[depth] > acc["baseline"] else "no"
+        assert f"- pool{k} beats the baseline: **{verdict}** (pool{k} {acc[depth]:.2f}% vs baseline " \
+               f"{acc['baseline']:.2f}%" in section
+
+
+def test_an_analysis_of_an_older_version_is_kept_until_it_can_be_computed_again(smoke_out, tmp_path):
+    """Table 1's strength rows from before the input_random control: shown as they are (the new row asks for the
+    checkpoints) where the runs have no checkpoint, computed again where they have."""
+    reproduce("table1", out=smoke_out, **SMOKE)
+    path = smoke_out / "analysis" / "table1-strength.json"
+    stored = json.loads(path.read_text())
+    entry = stored["seeds"]["0"]
+    assert entry["version"] == 2 and {r["kind"] for r in entry["rows"]} >= {"input_random", "input_prev"}
+    old = {**entry, "rows": [r for r in entry["rows"] if r["kind"] != "input_random"]}
+    del old["version"]
+    path.write_text(json.dumps({**stored, "seeds": {"0": old}}))
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_out, copy, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    part = sections(Path(reproduce("table1", out=copy, **SMOKE)["report"]).read_text())["table1"]
+    row = next(line for line in part.splitlines() if line.startswith("| random signs at the input only"))
+    assert row.count("needs checkpoint, re-run") == 5
+    assert "| previous-batch signs at the input only (control) | ours (n=1) | " in part and "needs checkpoint" \
+        not in next(line for line in part.splitlines() if line.startswith("| previous-batch signs at the input"))
+    reproduce("table1", out=smoke_out, **SMOKE)  # with the checkpoints: computed again, every row
+    assert json.loads(path.read_text())["seeds"]["0"] == entry
 
 
 def test_second_reproduce_reuses_everything(smoke_out, monkeypatch):
@@ -122,28 +162,32 @@ def test_report_from_small_files_alone(smoke_out, tmp_path):
     assert "![train and test error" in parts["figure3"]  # curves need only the logs
 
 
-def test_time_ratio_compares_runs_made_on_the_same_kind_of_machine(smoke_out, tmp_path):
+def test_time_ratio_compares_runs_made_on_the_same_machine(smoke_out, tmp_path):
     reproduce("table4", out=smoke_out, **SMOKE)
     out = tmp_path / "copy"
     shutil.copytree(smoke_out, out, ignore=shutil.ignore_patterns("checkpoint.pt", "analysis"))
-    runs = {g: next((out / "runs").glob(f"vgg-noaug-cifar10-{g}-seed0*")) for g in ("baseline", "lat")}
+    runs = {g: next((out / "runs").glob(f"vgg-noaug-cifar10-{g}-seed0*")) for g in ("baseline", "lat", "fgsm")}
 
     def measured(group, images_per_s, gpu):
         metrics = json.loads((runs[group] / "metrics.json").read_text())
         (runs[group] / "metrics.json").write_text(json.dumps({**metrics, "images_per_s": images_per_s}))
         (runs[group] / "host.json").write_text(json.dumps({"cpu": "x", "threads": 1, "gpu": gpu, "torch": "x"}))
 
-    def lat_time():
-        report = Path(reproduce("table4", out=out, **SMOKE)["report"]).read_text()
-        row = next(line for line in report.splitlines() if line.startswith("|  | ours (lat,"))
-        claim = next(line for line in report.splitlines() if line.startswith("- training time relative"))
-        return row.rstrip(" |").rsplit("| ", 1)[1], claim.split("measured ", 1)[1]
+    def table4():
+        return sections(Path(reproduce("table4", out=out, **SMOKE)["report"]).read_text())["table4"]
 
     measured("baseline", 300.0, gpu="GPU A")
     measured("lat", 100.0, gpu=None)  # same thread count, but one ran on a GPU: not comparable
-    assert lat_time() == ("—", "not yet")
+    measured("fgsm", 150.0, gpu=None)
+    part = table4()
+    assert "| Ours-orig | X |" in part and "- training time relative to the baseline: not measured yet" in part
     measured("lat", 200.0, gpu="GPU A")
-    assert lat_time() == ("1.50x", "GPU A: lat 1.50x")
+    measured("fgsm", 150.0, gpu="GPU A")
+    part = table4()  # 300 / 200 and 300 / 150 images/s
+    assert "| Type | paper | GPU A (torch x) |" in part
+    assert "| Ours-orig | X | 1.50x (n=1) |" in part and "| FGS-orig | 2x | 2.00x (n=1) |" in part
+    assert "- lat costs less time than every two-pass method on GPU A (torch x): **yes** (lat 1.50x vs fastest " \
+           "two-pass 2.00x)" in part
 
 
 def test_interrupted_reproduction_resumes(tmp_path, monkeypatch):

@@ -15,7 +15,9 @@ from test_methods import data, small_net as net
 from lwat.cli import make_parser
 from lwat.config import ConfigError, TrainConfig
 from lwat.methods import PLAIN, get_method
-from lwat.train import CHECKPOINT, load_run, make_passes, read_log, train
+from lwat.models import build_model
+from lwat.rundir import CHECKPOINT, load_run, read_log
+from lwat.train import make_passes, train
 
 SMALL = dict(model="vgg16_bn", width=0.125, dropout=True, dataset="synthetic", train_subset=80, batch_size=16,
              epochs=2, eval_batch_size=128, lr_drop_every=1, crop=True, flip=True)
@@ -170,13 +172,27 @@ def test_compiled_training_matches_eager(tmp_path, device, monkeypatch):
     load_run(tmp_path / "compiled")  # loads into a plain model
 
 
-def test_benchmark_gives_a_row(device):
-    """benchmarks/step_overhead.py runs (one tiny row), so the lead's full table does not rot."""
+def test_benchmark_row_against_hand_counts(device):
+    """benchmarks/step_overhead.py runs (one tiny row), so the lead's full table does not rot; its cache size is
+    the hand count (1 byte per perturbed activation element, one fp32 scale per point) and its ratios and epoch
+    estimates are those of its own step times."""
     path = Path(__file__).parents[1] / "benchmarks" / "step_overhead.py"
     spec = importlib.util.spec_from_file_location("step_overhead", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     row = bench.bench("resnet20", width=0.25, batch=4, device=device, steps=1, warmup=1, compile_=False, amp="bf16",
                       eps=10.0, channels_last=True, backend="inductor")
-    assert row["cache B/elem"] == pytest.approx(1.0, abs=0.01) and row["mode"] == "eager" and row["amp"] == "bf16"
-    assert all(row[f"{m} img/s"] > 0 for m in bench.METHODS) and row["loader share"].endswith("%")
+    model = build_model("resnet20", 10, width=0.25)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, a, out: sizes.append(out.numel())) for m in bns]
+    model(torch.rand(4, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert row["cache B/elem"] == pytest.approx((sum(sizes) + 4 * len(bns)) / sum(sizes), rel=1e-12)
+    assert (row["mode"], row["amp"]) == ("eager", "bf16")
+    ms = {m: row[f"{m} ms"] for m in bench.METHODS}
+    assert row["lat/baseline"] == pytest.approx(ms["lat"] / ms["baseline"])
+    assert row["fgsm/baseline"] == pytest.approx(ms["fgsm"] / ms["baseline"])
+    steps = 50_000 // 4  # a CIFAR-10 epoch of batches of 4
+    assert row["epoch s (baseline / lat / fgsm)"] == " / ".join(f"{ms[m] * steps / 1e3:.1f}" for m in bench.METHODS)

@@ -1,18 +1,21 @@
 """Tests of lwat.train: run directory, bit-exact resume after a mid-epoch stop, non-finite loss, signals."""
 
+import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from lwat import methods
 from lwat.config import ConfigError, TrainConfig
-from lwat.train import CHECKPOINT, TrainingError, load_run, read_log, train
+from lwat.data import Loader
+from lwat.models.vgg import vgg16_bn
+from lwat.rundir import CHECKPOINT, load_run, read_log
+from lwat.train import TrainingError, train
 
 # 80 synthetic training images in batches of 16: 5 steps per epoch.
 SMALL = dict(model="vgg16_bn", width=0.125, dropout=True, dataset="synthetic", train_subset=80, batch_size=16,
@@ -61,22 +64,50 @@ def test_resume_mid_epoch_is_bit_exact(method, tmp_path, device, deterministic):
         assert (r1["train_loss"], r1["test_acc"]) == (r2["train_loss"], r2["test_acc"])
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, device, monkeypatch):
+def poison(monkeypatch, at_call):
+    """The baseline's step returns a NaN loss at its `at_call`-th call."""
     calls = []
     real = methods.METHODS["baseline"]
 
     def poisoned(model, handle, x, y, cfg, run):
         calls.append(1)
         loss, logits = real.step(model, handle, x, y, cfg, run)
-        return (loss * float("nan") if len(calls) == 7 else loss), logits
+        return (loss * float("nan") if len(calls) == at_call else loss), logits
 
     monkeypatch.setitem(methods.METHODS, "baseline", methods.Method(poisoned, False, 1))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, device, monkeypatch):
+    poison(monkeypatch, 7)
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match="non-finite loss .* epoch 2, batch 2.*last good checkpoint"):
         train(cfg_for("baseline", device), run, progress="none")
     ckpt = torch.load(run / CHECKPOINT, weights_only=True)
     assert (ckpt["epoch"], ckpt["batch"]) == (1, 0)  # the end of epoch 1, the last good state
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_non_finite_loss_before_the_first_checkpoint_leaves_the_directory_reusable(tmp_path, device, monkeypatch):
+    """Nothing to keep: the message says so, and the same call can start again (no 'already holds a run')."""
+    poison(monkeypatch, 2)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError) as error:
+        train(cfg_for("baseline", device), run, progress="none")
+    assert "before the first checkpoint: nothing was kept" in str(error.value) and "checkpoint is kept" not in str(
+        error.value)
+    poison(monkeypatch, 0)  # never
+    metrics = train(cfg_for("baseline", device), run, progress="none")
+    assert metrics["status"] == "finished" and [r["epoch"] for r in read_log(run)] == [1, 2]
+
+
+def test_defaults_agree_for_a_run_with_no_flags():
+    """One default per concept: `lwat train` with no flags drops the lr within its epochs, and the loader's and the
+    VGG's own defaults are the config's."""
+    cfg = TrainConfig()
+    assert cfg.lr_drop_every < cfg.epochs
+    loader = inspect.signature(Loader).parameters
+    assert (loader["crop"].default, loader["flip"].default) == (cfg.crop, cfg.flip)
+    assert inspect.signature(vgg16_bn).parameters["dropout"].default == cfg.dropout
 
 
 def test_sigint_saves_and_resume_continues(tmp_path):
@@ -100,4 +131,3 @@ def test_sigint_saves_and_resume_continues(tmp_path):
     second = torch.load(run / CHECKPOINT, weights_only=True)
     assert (second["epoch"], second["batch"]) > (first["epoch"], first["batch"])
     assert line.startswith(f"epoch {first['epoch'] + 1} ")  # it went on from where it stopped
-    time.sleep(0)

@@ -1,5 +1,7 @@
 """The paper's analyses, one module each: `compute(...)` returns numbers, `plot(result, path)` draws a PNG,
-`to_rows(result)` gives CSV rows.
+`to_rows(result)` gives CSV rows. Each also declares what a run must provide (`NEEDS`: "log", "eval" or "model") and
+turns labelled runs into its inputs (`from_runs`), so `lwat analyze` and `lwat reproduce` share one dispatch
+(`lwat.analysis.runs`); one whose rows change bumps its `VERSION` (default 1).
 
 strength (Table 1), tsne (Figure 1), jacobian (Figure 2), transfer (Table 2), robustness (Table 4),
 depth (Table 6), curves (Figure 3).

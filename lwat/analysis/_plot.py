@@ -29,7 +29,7 @@ def accuracy_lines(result: dict, path, *, labels: dict, xlabel: str, ylabel: str
     """Accuracy (%) against eps, one line per key of result["accuracy"] (named by `labels`), as a PNG."""
     fig, axes = figure(panel=(6.0, 4.2))
     ax = axes[0, 0]
-    styles = ["o-", "s--", "^-.", "v:"]  # distinct markers and dashes: curves may coincide
+    styles = ["o-", "s--", "^-.", "v:", "D-"]  # distinct markers and dashes: curves may coincide
     for i, (key, values) in enumerate(result["accuracy"].items()):
         ax.plot(result["eps"], [100 * a for a in values], styles[i % len(styles)], label=labels.get(key, key))
     ax.set_xlabel(xlabel)

@@ -35,6 +35,14 @@ def compute(logs: dict[str, list[dict]]) -> dict:
     return out
 
 
+NEEDS = "log"  # the runs' per-epoch logs
+
+
+def from_runs(runs: list) -> dict:
+    """`compute` on the runs' logs, named by their labels (`lwat.analysis.runs` dispatches here)."""
+    return compute({label: run.log for label, run in runs})
+
+
 def to_rows(result: dict) -> list[dict]:
     """One row per (run, epoch): {"run", "epoch", "train_error", "test_error"} as fractions."""
     return [{"run": name, "epoch": int(e), "train_error": float(tr), "test_error": float(te)}

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 from lwat.analysis import _plot
+from lwat.render import stats_dict
 
 BASELINE = "baseline"
 
@@ -41,16 +42,19 @@ def compute(results: Sequence[dict], baseline: float | None = None) -> dict:
         depths = {r["depth"] for r in recs}
         if len(depths) > 1:
             raise ValueError(f"label {label!r} has several depths {sorted(depths, key=str)}")
-        rows.append({"label": label, "depth": recs[0]["depth"], **_stats([float(r["accuracy"]) for r in recs])})
+        rows.append({"label": label, "depth": recs[0]["depth"], **stats_dict([float(r["accuracy"]) for r in recs])})
     rows.sort(key=lambda r: math.inf if r["depth"] is None else r["depth"])  # stable: ties keep input order
-    return {"rows": rows, "baseline": _stats(base_values) if base_values else None}
+    return {"rows": rows, "baseline": stats_dict(base_values) if base_values else None}
 
 
-def _stats(values: list[float]) -> dict:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n}
+NEEDS = "log"  # each run's final test accuracy and its config's depth
+
+
+def from_runs(runs: list, *, baseline=()) -> dict:
+    """`compute` on the runs' final test accuracy, labelled by the runs' labels; `baseline` runs form the baseline
+    (`lwat.analysis.runs` dispatches here)."""
+    return compute([{"depth": run.config.depth, "label": label, "accuracy": run.log[-1]["test_acc"]}
+                    for label, run in [*runs, *((BASELINE, r) for r in baseline)]])
 
 
 def to_rows(result: dict) -> list[dict]:

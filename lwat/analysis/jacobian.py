@@ -16,6 +16,7 @@ from torch import nn
 from lwat.analysis import _plot
 from lwat.attacks import _eval_mode
 from lwat.evaluate import _batches, last_linear, model_device
+from lwat.rundir import load_run
 
 
 def jacobians(model: nn.Module, x: torch.Tensor, *, batch_size: int = 64):
@@ -70,6 +71,14 @@ def compute(models: dict[str, nn.Module], x: torch.Tensor, top: int = 50, batch_
     k = min(len(v) for v in mean.values())
     return {"index": np.arange(1, k + 1), "mean": {n: v[:k] for n, v in mean.items()},
             "std": {n: v[:k] for n, v in std.items()}, "n": len(x)}
+
+
+NEEDS = "model"  # the trained models and their test images
+
+
+def from_runs(runs: list, *, test, device="cpu", **options) -> dict:
+    """`compute` on the models of the runs, named by their labels (`lwat.analysis.runs` dispatches here)."""
+    return compute({label: load_run(run.dir, device)[0] for label, run in runs}, test[0], **options)
 
 
 def to_rows(result: dict) -> list[dict]:

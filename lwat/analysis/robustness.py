@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lwat.analysis import _plot
-from lwat.analysis.depth import _stats
+from lwat.render import stats_dict
 
 
 def compute(records: Sequence[dict]) -> dict:
@@ -31,9 +31,32 @@ def compute(records: Sequence[dict]) -> dict:
             raise ValueError(f"robustness record {rec!r} lacks {sorted(missing)}")
         by_eps = values.setdefault(str(rec["panel"]), {}).setdefault(str(rec["label"]), {})
         by_eps.setdefault(float(rec["eps"]), []).append(float(rec["accuracy"]))
-    return {panel: {label: [{"eps": e, **_stats(accs)} for e, accs in sorted(by_eps.items())]
+    return {panel: {label: [{"eps": e, **stats_dict(accs)} for e, accs in sorted(by_eps.items())]
                     for label, by_eps in labels.items()}
             for panel, labels in values.items()}
+
+
+NEEDS = "eval"  # the runs' eval.json
+
+PIXEL_UNITS = (("pixel units", 1.0),)
+
+
+def from_runs(runs: list, *, eps_list=None, readings=PIXEL_UNITS) -> dict:
+    """`compute` on the runs' eval.json (`lwat.analysis.runs` dispatches here).
+
+    Args:
+        runs: [(label, run)]; runs of one label (seeds) are averaged.
+        eps_list: the eps to draw; default every eps in each run's eval.json.
+        readings: [(panel name, scale)]: a panel shows eval.json's accuracy at pixel eps `eps x scale`.
+    """
+    records = []
+    for label, run in runs:
+        acc = run.eval["accuracy"]
+        for panel, scale in readings:
+            eps = sorted(map(float, acc)) if eps_list is None else eps_list
+            records += [{"label": label, "panel": panel, "eps": e, "accuracy": acc[f"{e * scale:g}"]}
+                        for e in eps if f"{e * scale:g}" in acc]
+    return compute(records)
 
 
 def to_rows(result: dict) -> list[dict]:

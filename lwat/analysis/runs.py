@@ -1,33 +1,111 @@
-"""`lwat analyze NAME RUN...`: load trained runs, run one analysis, write NAME.png, NAME.csv and NAME.json.
+"""Analyses on trained runs: the one dispatch that `lwat analyze` and `lwat reproduce` share.
 
-Each analysis module computes on models and tensors; this file only turns run directories into those inputs.
+Each analysis module declares what a run must provide (`NEEDS`: "log", "eval" or "model") and turns labelled runs
+into its `compute` inputs (`from_runs`); this file checks the needs, loads the test data a model analysis needs, and
+writes `lwat analyze`'s files.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 from pathlib import Path
 
 from lwat.analysis import get_analysis
-from lwat.config import TrainConfig
-from lwat.train import CONFIG, load_data, load_run, read_log, resolve_device
+from lwat.config import TrainConfig, resolve_device
+from lwat.rundir import read_run
+
+# What each need asks of a run, and what to say when a run lacks it.
+WHY_NOT = {"log": "no log yet", "eval": "not evaluated yet", "model": "needs checkpoint, re-run"}
+
+
+def lacks(name: str, run) -> str | None:
+    """Why `run` (a `lwat.rundir.Run` or anything with its attributes) cannot go into analysis `name`, or None."""
+    need = get_analysis(name).NEEDS
+    has = {"log": bool(run.log), "eval": bool(run.eval), "model": run.has_checkpoint}[need]
+    return None if has else WHY_NOT[need]
+
+
+def test_data(cfg: TrainConfig, cache: dict | None = None):
+    """(images, labels) of the test split of a run's data set (loaded once per data set when `cache` is given)."""
+    from lwat.train import load_data
+
+    key = (cfg.dataset, cfg.data_dir, cfg.grayscale)
+    cache = {} if cache is None else cache
+    if key not in cache:
+        data = load_data(cfg.replace(train_subset=None, val_size=0))
+        cache[key] = (data.test_x, data.test_y)
+    return cache[key]
+
+
+def compute(name: str, runs: list, *, target=None, baseline=(), device="cpu", limit: int | None = None,
+            data_cfg: TrainConfig | None = None, cache: dict | None = None, **options):
+    """Analysis `name` on labelled runs.
+
+    Args:
+        name: a name in `lwat.analysis.ANALYSES`.
+        runs: [(label, run)] with `lwat.rundir.Run`s (or objects with their attributes); labels name plot lines.
+        target: transfer: the run whose model classifies the attacked images.
+        baseline: depth: runs drawn as the baseline.
+        device: where models run.
+        limit: model analyses: use only the first `limit` test images.
+        data_cfg: the config whose test set model analyses use (default: the first run's).
+        cache: test sets already loaded (see `test_data`).
+        **options: keyword arguments of the analysis (eps_list, classes, ...).
+
+    Returns:
+        The analysis' result (its `compute`'s).
+    """
+    module = get_analysis(name)
+    if not runs:
+        raise ValueError(f"analyze {name}: give at least one run directory")
+    options.update({"target": target} if target is not None else {}, **({"baseline": baseline} if baseline else {}))
+    unknown = sorted(set(options) - _options(module))
+    if unknown:
+        raise ValueError(f"analyze {name}: takes no option {', '.join(unknown)}")
+    for run in [*(r for _, r in runs), *baseline, *([target] if target is not None else [])]:
+        why = lacks(name, run)
+        if why:
+            raise ValueError(f"analyze {name}: {run.dir}: {why}")
+    if module.NEEDS == "model":
+        x, y = test_data(data_cfg or runs[0][1].config, cache)
+        options.update(test=(x, y) if limit is None else (x[:limit], y[:limit]), device=device)
+    return module.from_runs(runs, **options)
+
+
+def _options(module) -> set[str]:
+    # what an analysis takes: its from_runs's keyword-only arguments and its compute's arguments with defaults
+    takes = {n for n, p in inspect.signature(module.from_runs).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    return takes | {n for n, p in inspect.signature(module.compute).parameters.items() if p.default is not p.empty}
+
+
+def version(name: str) -> int:
+    """The version of an analysis' rows: a module declares VERSION (default 1) and bumps it when its rows change
+    (strength: 2, with the input_random control), so stored results of an older version are computed again."""
+    return getattr(get_analysis(name), "VERSION", 1)
+
+
+def report_rows(name: str, result) -> list[dict]:
+    """The rows a report keeps of a result: the module's `summary_rows` where it has one, else all its rows."""
+    module = get_analysis(name)
+    return getattr(module, "summary_rows", module.to_rows)(result)
 
 
 def analyze(name: str, runs: list, *, out=None, device: str = "auto", limit: int | None = None,
-            eps: list[float] | None = None, target=None, baseline=None, classes=(0, 1)) -> dict:
-    """Run analysis `name` on trained runs and write its plot and numbers.
+            eps: list[float] | None = None, target=None, baseline=None, classes=None) -> dict:
+    """`lwat analyze`: run analysis `name` on trained run directories and write its plot and numbers.
 
     Args:
-        name: strength, tsne (one run each); jacobian, transfer, depth, curves (several runs).
+        name: strength, tsne (one run each); jacobian, transfer, robustness, depth, curves (several runs).
         runs: run directories.
         out: output directory (default: RUN/analysis for the first run).
         device: where models run ("auto": CUDA when present).
         limit: use only the first `limit` test images (model-based analyses).
-        eps: the eps values (strength, tsne, transfer); default: the paper's.
+        eps: the eps values (strength, tsne, transfer, robustness); default: the analysis' own.
         target: transfer: the run whose model classifies the attacked images (paper: the baseline).
         baseline: depth: a baseline run, drawn as a horizontal line.
-        classes: tsne: the two class indices shown.
+        classes: tsne: the two class indices shown (default: its own, 0 and 1).
 
     Returns:
         {"png", "csv", "json"}: the paths written.
@@ -35,35 +113,15 @@ def analyze(name: str, runs: list, *, out=None, device: str = "auto", limit: int
     module = get_analysis(name)
     if not runs:
         raise ValueError(f"analyze {name}: give at least one run directory")
-    device = resolve_device(device)
+    views = [read_run(r) for r in runs]
+    methods = [v.config.method for v in views]
+    labelled = [(v.config.method if methods.count(v.config.method) == 1 else v.dir.name, v)
+                for v in views]  # the method, or the directory where methods repeat
+    options = {key: tuple(value) for key, value in (("eps_list", eps), ("classes", classes)) if value is not None}
+    result = compute(name, labelled, target=read_run(target) if target else None,
+                     baseline=[read_run(baseline)] if baseline else (), device=resolve_device(device), limit=limit,
+                     **options)
     out = Path(out) if out is not None else Path(runs[0]) / "analysis"
-    extra = {} if eps is None else {"eps_list": eps}
-    configs = [TrainConfig.from_file(Path(r) / CONFIG) for r in runs]
-    labels = [c.method if [d.method for d in configs].count(c.method) == 1 else Path(r).name
-              for r, c in zip(runs, configs)]  # the method, or the directory where methods repeat
-    if name == "curves":
-        result = module.compute({label: read_log(r) for label, r in zip(labels, runs)})
-    elif name == "depth":
-        records = [{"depth": c.depth, "label": "all points" if c.depth is None else f"first {c.depth} points",
-                    "accuracy": read_log(r)[-1]["test_acc"]} for r, c in zip(runs, configs)]
-        result = module.compute(records, baseline=read_log(baseline)[-1]["test_acc"] if baseline else None)
-    else:
-        data = load_data(configs[0])
-        n = len(data.test_y) if limit is None else limit
-        x, y = data.test_x[:n], data.test_y[:n]
-        models = {label: load_run(r, device)[0] for label, r in zip(labels, runs)}
-        if name in ("strength", "tsne"):
-            if len(runs) != 1:
-                raise ValueError(f"analyze {name}: takes one run")
-            model = next(iter(models.values()))
-            result = (module.compute(model, x, y, **extra) if name == "strength"
-                      else module.compute(model, x, y, classes=tuple(classes), **extra))
-        elif name == "jacobian":
-            result = module.compute(models, x)
-        else:  # transfer
-            if target is None:
-                raise ValueError("analyze transfer: give --target RUN (the model that classifies)")
-            result = module.compute(models, load_run(target, device)[0], x, y, **extra)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"png": out / f"{name}.png", "csv": out / f"{name}.csv", "json": out / f"{name}.json"}
     module.plot(result, paths["png"])

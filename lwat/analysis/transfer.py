@@ -13,6 +13,7 @@ from torch import nn
 
 from lwat.analysis import _plot
 from lwat.evaluate import accuracy
+from lwat.rundir import load_run
 
 
 def compute(source_models: dict[str, nn.Module], target_model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -35,6 +36,16 @@ def compute(source_models: dict[str, nn.Module], target_model: nn.Module, x: tor
                   for e in eps_list]
            for name, src in source_models.items()}
     return {"eps": [float(e) for e in eps_list], "accuracy": acc}
+
+
+NEEDS = "model"  # the trained models and their test set
+
+
+def from_runs(runs: list, *, test, device="cpu", target=None, **options) -> dict:
+    """`compute` with the runs' models as sources and `target`'s as the classifier (`lwat.analysis.runs`)."""
+    if target is None:
+        raise ValueError("analyze transfer: give --target RUN (the model that classifies)")
+    return compute({label: load_run(run.dir, device)[0] for label, run in runs}, load_run(target.dir, device)[0], *test, **options)
 
 
 def to_rows(result: dict) -> list[dict]:

@@ -19,6 +19,7 @@ from lwat.analysis import _plot
 from lwat.attacks import _eval_mode
 from lwat.evaluate import _batches, _capture_last_linear_input, layerwise_attack_outputs, model_device
 from lwat.perturb import default_points
+from lwat.rundir import load_run
 
 KINDS = ("adversarial", "random")
 
@@ -86,6 +87,22 @@ def _gaussian_outputs(model, x, eps, names, batch_size, seed):
         for h in hooks:
             h.remove()
     return torch.cat(feats), torch.cat(preds)
+
+
+NEEDS = "model"  # one trained model and its test set
+
+
+def from_runs(runs: list, *, test, device="cpu", **options) -> dict:
+    """`compute` on the model of one run (`lwat.analysis.runs` dispatches here)."""
+    if len(runs) != 1:
+        raise ValueError("analyze tsne: takes one run")
+    return compute(load_run(runs[0][1].dir, device)[0], *test, **options)
+
+
+def summary_rows(result: dict) -> list[dict]:
+    """The accuracies alone, one row per (kind, eps): what a report keeps (the coordinates are in the plot)."""
+    return [{"kind": k, "eps": e, "accuracy": a}
+            for k in KINDS for e, a in zip(result["eps"], result["accuracy"][k])]
 
 
 def to_rows(result: dict) -> list[dict]:

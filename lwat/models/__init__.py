@@ -11,6 +11,7 @@ from .common import Normalize, cifar10_normalize
 from .mlp import mlp_tanh
 from .resnet import cifar_resnet, resnet20, resnet56
 from .vgg import VGG16_POOL_BN_DEPTHS, vgg16_bn, vgg_pool_depths
+from .vit import vit
 from .wrn import wrn, wrn16_4, wrn28_10, wrn40_10
 
 # Every builder takes num_classes and in_channels (3 = RGB, 1 = grayscale) and returns a model
@@ -20,6 +21,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "resnet56": resnet56,
     "vgg16_bn": vgg16_bn,
+    "vit": vit,
     "wrn": wrn,
     "wrn16_4": wrn16_4,
     "wrn28_10": wrn28_10,
@@ -66,5 +68,6 @@ __all__ = [
     "Normalize", "cifar10_normalize",
     "mlp_tanh", "cifar_resnet", "resnet20", "resnet56",
     "vgg16_bn", "vgg_pool_depths", "VGG16_POOL_BN_DEPTHS",
+    "vit",
     "wrn", "wrn16_4", "wrn28_10", "wrn40_10",
 ]

@@ -74,8 +74,8 @@ def conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1, bias: boo
                  bn_eps: float = 1e-5) -> list[nn.Module]:
     """conv3x3 (padding 1) -> BatchNorm2d -> ReLU, as a list to splice into a flat nn.Sequential.
 
-    The ReLU is not in-place: perturbation hooks read and replace BatchNorm outputs, and an
-    in-place ReLU would overwrite the tensor they hold.
+    The ReLU is not in-place, so the BatchNorm output stays a tensor of its own: a perturbation
+    point (lwat.attach) adds eps_l * r_l to it in its forward and reads its gradient in backward.
     """
     return [
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias),

@@ -42,13 +42,14 @@ class VGG(nn.Module):
         return self.classifier(self.features(self.normalize(x)))
 
 
-def vgg16_bn(num_classes: int = 10, dropout: bool = True, width: float = 1.0,
+def vgg16_bn(num_classes: int = 10, dropout: bool = False, width: float = 1.0,
              in_channels: int = 3) -> VGG:
     """VGG-16 with BatchNorm after every conv, for 32x32 images in [0, 1].
 
     Args:
         num_classes: outputs of the last Linear.
-        dropout: cifar.torch's dropout layers (Table 5 compares with and without).
+        dropout: cifar.torch's dropout layers (Table 5 compares with and without); off by default, as
+            TrainConfig.dropout.
         width: multiplier of every channel count (rounded, at least 1); 0.25 makes a fast test model.
         in_channels: 3 (RGB) or 1 (grayscale).
 

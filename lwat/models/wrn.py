@@ -25,7 +25,7 @@ class PreActBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, dropout: float):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)
-        self.relu1 = nn.ReLU()  # not in-place: perturbation hooks hold BatchNorm outputs
+        self.relu1 = nn.ReLU()  # not in-place: the BatchNorm output is a perturbation point (lwat.attach)
         reshape = stride != 1 or in_channels != out_channels
         self.shortcut = (nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
                          if reshape else None)

@@ -16,7 +16,8 @@ from torch import nn
 
 from lwat.config import TrainConfig
 from lwat.data import load_dataset
-from lwat.train import load_run, train
+from lwat.rundir import load_run
+from lwat.train import train
 
 
 def predictions(model, x, batch_size=500):

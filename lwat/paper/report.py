@@ -1,0 +1,85 @@
+"""REPORT.md as text: its header and one section per table (caption, setup, notes, the table's own rendering)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from lwat.paper.plan import SCALES, data_label
+from lwat.paper.results import Results
+from lwat.rundir import machine
+
+TITLE = ("# Reproduction of Sankaranarayanan et al., \"Regularizing deep networks using efficient layerwise "
+         "adversarial training\" (AAAI 2018)")
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def train_seconds(runs) -> float:
+    """Training seconds summed from the runs' logs (evaluation excluded)."""
+    return sum(sum(rec.get("seconds", 0.0) for rec in r.log or []) for r in runs)
+
+
+def hardware(runs) -> str:
+    """How many of `runs` each machine made (`lwat.rundir.machine`)."""
+    counts = Counter(machine(r.host) or f"{(r.metrics or {}).get('device', '?')} (machine not recorded)" for r in runs)
+    return "; ".join(f"{what}: {n} run{'s' * (n != 1)}" for what, n in counts.items()) or "no run finished"
+
+
+def header(scale: str, runs: list, data: dict, command: str | None) -> list[str]:
+    """The report's first lines: scale, command, data, finished runs, their wall time and machines."""
+    labels = sorted({data_label(r.config.dataset, r.config.data_dir) for r in runs})
+    missing = [f"{s.label.split(' (')[0]} not given: only finished runs found under runs/ are reported"
+               for s in data.values() if not s.available]
+    lines = [TITLE, "", f"- Scale: **{scale}**: {SCALES[scale]}."] + ([f"- Command: `{command}`"] if command else [])
+    lines += [f"- Data: {'; '.join(labels + missing) or 'no run finished yet'}",
+              f"- Finished trainings: {len(runs)}; wall time summed from their logs: {hours(train_seconds(runs))}",
+              f"- Hardware: {hardware(runs)}",
+              "- Our numbers are mean ± sample std over seeds (n = seeds); the paper's are copied from its text. "
+              "Claims are computed from the numbers below, so they may say no.", ""]
+    if scale == "smoke":
+        lines += ["**Smoke scale: the numbers below only show that every step runs; they say nothing about the "
+                  "paper.**", ""]
+    return lines
+
+
+def section(preset, res: Results) -> list[str]:
+    """The report section of one preset: caption, setup, notes, tables with the paper's numbers, claims, plots."""
+    lines = [f"## {preset.name}: {preset.title}", "", f"> Paper, {preset.caption}", ""]
+    lines += _setup(res) + [""]
+    lines += [f"Note: {n}" for n in res.plan.notes] + ([""] if res.plan.notes else [])
+    return lines + preset.render(res) + [""]
+
+
+def _setup(res: Results) -> list[str]:
+    plan = res.plan
+    if plan.skipped:
+        return [f"- **Not run at {plan.scale} scale:** {plan.skipped}"]
+    # The configs of the trainings that ran or can run here (planned ones without data and without runs say nothing).
+    present = {g for g, runs in res.runs.items() if any(r.config is not None for r in runs)}
+    cfgs = ([t.config for t in plan.trainings if t.available or t.group in present]
+            or [t.config for t in plan.trainings])
+    models = ", ".join(dict.fromkeys(f"{c.model} (width {c.width:g})" for c in cfgs))
+    data = []
+    for runs in res.runs.values():
+        done = [r for r in runs if r.config is not None]
+        t = runs[0].training
+        data.append(data_label(done[0].config.dataset, done[0].config.data_dir) if done
+                    else data_label(t.config.dataset, t.config.data_dir) + ("" if t.available else ": not given"))
+    subsets = ", ".join(dict.fromkeys(f"{c.train_subset:,} (class-balanced subset)" if c.train_subset else "all"
+                                      for c in cfgs))
+    schedule = ", ".join(dict.fromkeys(f"{c.epochs} epochs, batch {c.batch_size}, lr {c.lr:g} / {c.lr_drop_factor:g} "
+                                       f"every {c.lr_drop_every}" for c in cfgs))
+    aug = ", ".join(dict.fromkeys(" + ".join([n for n, on in (("flip", c.flip), ("crop", c.crop)) if on]) or "none"
+                                  for c in cfgs))
+    eps = ", ".join(dict.fromkeys(f"{c.eps:g} ({c.scale} scaling)" for c in cfgs))
+    finished = [r for runs in res.runs.values() for r in runs if r.finished]
+    return [f"- Models: {models}",
+            f"- Data: {', '.join(dict.fromkeys(data))}; training images: {subsets}",
+            f"- Training: {schedule}; augmentation: {aug}; SGD with Nesterov momentum 0.9, weight decay "
+            f"{cfgs[0].weight_decay:g}; layerwise eps {eps}",
+            f"- Seeds: {plan.seeds} planned per row; {len(finished)} of {len(plan.trainings)} planned trainings "
+            f"finished (rows average every finished seed, n below)",
+            f"- Wall time (the logs' training seconds, evaluation excluded): {hours(train_seconds(finished))}; "
+            f"hardware: {hardware(finished)}"]
