@@ -16,8 +16,9 @@ be dropped. What remains of the first pass: the frame that called the module (to
 attached module's class; each later pass runs that empty region, then the module's forward in one graph.
 
 A point that still finds no cache under torch.compile (activation shapes that change although the inputs'
-do not; a compiled submodule of the attached module) makes it with perturb.py's `_fit_cache`, a graph break
-at that point: correct, slower to compile.
+do not; a compiled submodule of the attached module; a module that cannot run on the meta device, which
+is warned about) makes it with perturb.py's `_fit_cache`, a graph break at that point: correct, slower to
+compile.
 
 Torch APIs used: public ones (torch.compiler.is_compiling, torch.compiler.disable,
 torch.func.functional_call, the meta device) and one private module, `torch.utils._pytree` (tree_leaves,
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 
 import torch
 from torch import nn
@@ -87,10 +89,9 @@ def _size_cache(handle, module, args, kwargs, shapes) -> None:
         with torch.no_grad():
             torch.func.functional_call(module, tree_map(meta, state), tree_map(meta, args), tree_map(meta, kwargs))
     except Exception as e:  # a model that cannot run on the meta device (.item(), custom kernels, ...)
-        raise RuntimeError(
-            f"lwat: under torch.compile the perturbation cache is sized by running {type(module).__name__} on "
-            f"the meta device, which failed: {e}. Train without torch.compile, or compile a module that "
-            "runs on the meta device.") from e
+        warnings.warn(f"lwat: {type(module).__name__} cannot run on the meta device ({type(e).__name__}: {e}), so "
+                      "the perturbation cache is not sized before torch.compile traces it: each point makes its "
+                      "own on the first pass, with a graph break (correct, slower to compile)", stacklevel=2)
     finally:
         handle._sizing = None
     handle._sized_for = shapes

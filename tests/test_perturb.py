@@ -586,3 +586,33 @@ def test_compiled_cache_under_fp16_and_a_grad_scaler(device):
     for p, c in handle.state_dict().items():
         assert torch.equal(c["signs"], before[p]["signs"]) and torch.equal(c["scale"], before[p]["scale"]), p
     torch._dynamo.reset()
+
+
+class NoMeta(nn.Module):
+    """A model that cannot run on the meta device (it reads a value on the host)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = conv_bn_net()
+
+    def forward(self, x):
+        return self.net(x) * (1.0 if x.sum().item() != 0 else 0.0)
+
+
+def test_compiled_model_that_cannot_run_on_meta_warns_and_stays_exact(device):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = NoMeta().to(device)
+    data = batches(3, (8, 3, 8, 8), device=device)
+    eager, eager_handle, eager_outs = lwat_run(net, data, 10.0, "range")
+    model = copy.deepcopy(net)
+    handle = lwat.attach(model, 10.0)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="NoMeta cannot run on the meta device"):
+        outs = [sgd_step(compiled, opt, x, y) for x, y in data]
+    for o, e in zip(outs, eager_outs):
+        torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-5)
+    for p in handle.points:
+        assert torch.equal(handle.state_dict()[p]["signs"], eager_handle.state_dict()[p]["signs"]), p
+    torch._dynamo.reset()
