@@ -64,8 +64,8 @@ class TrainConfig:
     channels_last: bool = _f(False, "channels-last memory format for images and model")
     amp: str = _f("off", "mixed precision (autocast) of forward passes and losses: off, bf16, or fp16 with a "
                          "GradScaler; the perturbation always uses the unscaled gradient")
-    compile: bool = _f(False, "torch.compile the model: the first step makes lwat's gradient sinks (one graph "
-                              "break per point), later steps run one compiled graph")
+    compile: bool = _f(False, "torch.compile the model: lwat's cache update (Eq. 5) is traced into the compiled "
+                              "backward")
     eval_batch_size: int = _f(500, "images per step when measuring test accuracy")
 
     def __post_init__(self):

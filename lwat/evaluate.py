@@ -161,8 +161,7 @@ def layerwise_attack_outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     for xb, yb in _batches(x, y, batch_size, device):
                         # Parameters are frozen and the input requires grad, so the graph still reaches every
                         # point and backward() refreshes their cache (Eq. 5) without touching any parameter
-                        # .grad. (Not autograd.grad(loss, x): it would skip the leaf "sinks" that perturb.py
-                        # uses under torch.compile, silently leaving the cache stale.)
+                        # .grad.
                         xb.requires_grad_(True)
                         with torch.enable_grad():
                             logits = model(xb)

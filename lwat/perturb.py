@@ -215,6 +215,21 @@ class _Point(nn.Module):
 
 
 @functools.cache
+def _unwrapped(cls: type, attached: type, plain: type) -> type:
+    """`cls` without a class attach made (`attached`, standing for `plain`). A wrapper that subclassed the attached
+    class after attach (FSDP2's fully_shard makes FSDP<name>(FSDPModule, <the class it finds>)) keeps wrapping, around
+    the plain class; any other change of class is refused."""
+    if cls is attached:
+        return plain
+    if attached not in cls.__bases__:
+        raise RuntimeError(f"cannot detach: {cls.__name__} replaced the class attach made ({attached.__name__}); "
+                           "detach before changing a point's class")
+    body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    return type(cls.__name__.replace(attached.__name__, plain.__name__),
+                tuple(plain if b is attached else b for b in cls.__bases__), body)
+
+
+@functools.cache
 def _point_class(cls: type) -> type:
     # One subclass per module class, reused, so compiled graphs are shared between instances.
     return type(f"Perturbed{cls.__name__}", (_Point, cls), {"__module__": cls.__module__})
@@ -340,7 +355,7 @@ class Handle:
         # The attached module itself sizes the cache before dynamo traces a pass (lwat/_compile.py).
         self._model, self._model_class = model, type(model)
         model._lwat_handle = self
-        model.__class__ = _compile.sizing_class(type(model))
+        model.__class__ = self._model_attached = _compile.sizing_class(type(model))
 
     @property
     def grad_scale(self) -> torch.Tensor | None:
@@ -366,10 +381,14 @@ class Handle:
         """Remove every point: the model is exactly the plain model again."""
         if not self._modules:  # detached already
             return
-        self._model.__class__ = self._model_class
+        # Compute every plain class first, so a refusal changes nothing.
+        points = {m: next(c for c in type(m).__mro__ if c.__bases__[:1] == (_Point,)) for m in self._modules.values()}
+        plain = {m: _unwrapped(type(m), p, p.__bases__[1]) for m, p in points.items()}
+        plain[self._model] = _unwrapped(type(self._model), self._model_attached, self._model_class)
+        for module, cls in plain.items():
+            module.__class__ = cls
         del self._model._lwat_handle
         for module in self._modules.values():
-            module.__class__ = type(module).__bases__[1]
             del module._lwat
         self._modules = {}
 

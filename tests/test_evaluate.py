@@ -113,7 +113,7 @@ def test_layerwise_attack_leaves_grads_and_flags(trained):
 
 
 def test_layerwise_attack_on_compiled_model(trained):
-    """Under torch.compile perturb.py reads gradients through leaf sinks; the attack must still refresh them."""
+    """Under torch.compile Eq. 5 runs in the compiled backward; the attack must still refresh the cache."""
     model, x, y = trained
     model = copy.deepcopy(model)
     eager = layerwise_attack_accuracy(model, x, y, 2.0, batch_size=16)

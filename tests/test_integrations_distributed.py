@@ -187,8 +187,6 @@ def test_fsdp2_attach_before_fully_shard_with_points_inside_units(runs):
         assert all(c["name"] in ("LayerNorm", "Linear") and not c["point"] for c in rank["classes"].values())
 
 
-@pytest.mark.xfail(strict=True, reason="Handle.detach assumes the class attach made is the module's class; "
-                                       "fully_shard of the point itself after attach subclasses it again")
 def test_fsdp2_detach_of_a_point_that_fully_shard_wrapped_after_attach(runs):
     ranks = load(runs, "fsdp-point-sharded-after-attach")
     check_fsdp_steps(ranks)  # training itself is right
