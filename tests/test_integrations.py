@@ -60,20 +60,6 @@ def clone_cache(cache):
     return {p: {k: None if v is None else v.detach().clone() for k, v in e.items()} for p, e in cache.items()}
 
 
-def attach_accepts_classes() -> bool:
-    """Whether lwat.attach takes points=<module class> (issue 13 item 3), found by trying."""
-    try:
-        handle = lwat.attach(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), 1.0, points=nn.LayerNorm)
-    except (TypeError, ValueError):
-        return False
-    handle.detach()
-    return handle.points == ["1"]
-
-
-needs_class_points = pytest.mark.skipif(not attach_accepts_classes(),
-                                        reason="lwat.attach does not take points=<module class> yet")
-
-
 # The plain loop runs where Lightning, transformers and accelerate cannot be imported: lwat needs none of them.
 WITHOUT_FRAMEWORKS = ("import runpy, sys\n"
                       "sys.modules.update(lightning=None, transformers=None, accelerate=None)  # their import fails\n"

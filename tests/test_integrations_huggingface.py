@@ -14,7 +14,7 @@ from torch import nn
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded: the model comes from a config
 transformers = pytest.importorskip("transformers")
 
-from test_integrations import assert_same_cache, clone_cache, needs_class_points, reference_cache  # noqa: E402
+from test_integrations import assert_same_cache, clone_cache, reference_cache  # noqa: E402
 from transformers import (BertConfig, BertForSequenceClassification, Trainer, TrainerCallback,  # noqa: E402
                           TrainingArguments)
 
@@ -189,7 +189,6 @@ def test_fp16_under_deepspeed_is_refused():
     assert lat.handle is None
 
 
-@needs_class_points
 def test_points_by_class_pass_through(tmp_path):
     model = bert()
     lat = LayerwiseAdversarialCallback(EPS, points=nn.LayerNorm)

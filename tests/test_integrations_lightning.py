@@ -13,7 +13,7 @@ L = pytest.importorskip("lightning.pytorch")
 
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
-from test_integrations import assert_same_cache, clone_cache, needs_class_points, reference_cache  # noqa: E402
+from test_integrations import assert_same_cache, clone_cache, reference_cache  # noqa: E402
 
 from lwat.integrations.lightning import LayerwiseAdversarialTraining  # noqa: E402
 
@@ -188,7 +188,6 @@ def test_a_fit_that_raises_leaves_the_plain_model_and_its_last_cache():
     assert_same_cache(lat.state_dict()["ranks"][0], record.batches[1]["after"])
 
 
-@needs_class_points
 def test_points_by_class_pass_through():
     lat = LayerwiseAdversarialTraining(EPS, points=nn.LayerNorm)
     record = Recorder(lat)
