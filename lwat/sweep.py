@@ -20,6 +20,7 @@ from pathlib import Path
 from lwat.config import TrainConfig
 from lwat.data import LOADERS
 from lwat.methods import METHODS, get_method
+from lwat.paper.plan import data_label
 from lwat.models import model_options
 from lwat.presets import Training
 from lwat.reproduce import ensure_trained, find_run, index_runs
@@ -202,7 +203,7 @@ def render(result: dict) -> str:
                       f"{r['n']} of {n}", _state(r)])
     lines += ["", *table(["run", "eps", "val acc % (chooses)", "test acc % (for information)", "finished seeds",
                           "runs"], cells)]
-    data = cfg.dataset + (f" ({Path(cfg.data_dir).name})" if cfg.data_dir else "")
+    data = data_label(cfg.dataset, cfg.data_dir)
     images = f"{cfg.train_subset:,} class-balanced" if cfg.train_subset else "all the remaining"
     aug = " + ".join(name for name, on in (("flip", cfg.flip), ("crop", cfg.crop)) if on) or "none"
     runs = [r for row in rows for r in row["runs"] if r["state"] == "finished"]
