@@ -247,10 +247,7 @@ def _fit_cache(state: _State, out: torch.Tensor, device: torch.device, layout: t
     if not _fits(state.signs, out.shape, device):
         _new_cache(state, out.shape, layout, device)
     elif state.layout != layout:
-        signs, scale = state.signs, state.scale
-        _new_cache(state, signs.shape, layout, device)
-        state.signs.copy_(signs)
-        state.scale.copy_(scale)
+        _copy_cache(state, state.signs, state.scale, layout, device)
 
 
 def _new_cache(state: _State, shape: torch.Size, layout: torch.memory_format, device: torch.device) -> None:
@@ -258,6 +255,14 @@ def _new_cache(state: _State, shape: torch.Size, layout: torch.memory_format, de
     state.signs, state.layout = _unflatten(state.flat, shape, layout), layout
     state.scale = torch.zeros((), device=device)
     state.handle._make_loss_scale(device)
+
+
+def _copy_cache(state: _State, signs: torch.Tensor, scale: torch.Tensor, layout: torch.memory_format,
+                device: torch.device) -> None:
+    # A new cache holding these signs and eps_l, in `layout` on `device`.
+    _new_cache(state, signs.shape, layout, device)
+    state.signs.copy_(signs)
+    state.scale.copy_(scale)
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
@@ -438,7 +443,5 @@ class Handle:
             if signs is None:
                 cache.signs = cache.flat = cache.scale = None
                 continue
-            _new_cache(cache, signs.shape, _layout(signs), signs.device)
-            cache.signs.copy_(signs)
-            cache.scale.copy_(scale)
+            _copy_cache(cache, signs, scale, _layout(signs), signs.device)
         self._sized_for = None

@@ -330,6 +330,13 @@ def load_run(path, device="cpu"):
     return model.to(device).eval(), cfg, meta
 
 
+def load_one(runs: list, analysis: str, device="cpu"):
+    """The model of the one run an analysis takes (`runs`: [(label, Run)]), in eval mode on `device`."""
+    if len(runs) != 1:
+        raise ValueError(f"analyze {analysis}: takes one run")
+    return load_run(runs[0][1].dir, device)[0]
+
+
 def evaluate_run(path, *, eps_list=FGSM_EPS, attack: str = "fgsm", device="auto", batch_size: int = 500,
                  data_dir=None) -> dict:
     """Clean and attacked test accuracy of a trained run, added to eval.json beside its checkpoint.

@@ -168,7 +168,7 @@ def _row(group: list[Training], index: dict, out: Path) -> dict:
 
 def _cell(row: dict, key: str) -> str:
     std = row[key.replace("acc", "std")]
-    return fmt(None if row[key] is None else (row[key], std or 0.0, 2 if std is not None else 1), "-")
+    return fmt(None if row[key] is None else (row[key], std or 0.0, row["n"]), "-")
 
 
 _STATES = {"finished": "finished", "unfinished": "unfinished", "stale": "started, no checkpoint", "missing": "not run"}

@@ -20,7 +20,7 @@ from torch import nn
 
 from lwat.analysis import _plot
 from lwat.evaluate import accuracy, layerwise_attack_accuracy
-from lwat.rundir import load_run
+from lwat.rundir import load_one
 
 # row key -> legend text
 KINDS = {
@@ -72,9 +72,7 @@ VERSION = 2  # 2: the input_random control added
 
 def from_runs(runs: list, *, test, device="cpu", **options) -> dict:
     """`compute` on the model of one run (`lwat.analysis.runs` dispatches here)."""
-    if len(runs) != 1:
-        raise ValueError("analyze strength: takes one run")
-    return compute(load_run(runs[0][1].dir, device)[0], *test, **options)
+    return compute(load_one(runs, "strength", device), *test, **options)
 
 
 def to_rows(result: dict) -> list[dict]:

@@ -19,7 +19,7 @@ from lwat.analysis import _plot
 from lwat.attacks import _eval_mode
 from lwat.evaluate import _batches, _capture_last_linear_input, layerwise_attack_outputs, model_device
 from lwat.perturb import default_points
-from lwat.rundir import load_run
+from lwat.rundir import load_one
 
 KINDS = ("adversarial", "random")
 
@@ -94,9 +94,7 @@ NEEDS = "model"  # one trained model and its test set
 
 def from_runs(runs: list, *, test, device="cpu", **options) -> dict:
     """`compute` on the model of one run (`lwat.analysis.runs` dispatches here)."""
-    if len(runs) != 1:
-        raise ValueError("analyze tsne: takes one run")
-    return compute(load_run(runs[0][1].dir, device)[0], *test, **options)
+    return compute(load_one(runs, "tsne", device), *test, **options)
 
 
 def summary_rows(result: dict) -> list[dict]:
