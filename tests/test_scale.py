@@ -196,3 +196,24 @@ def test_benchmark_row_against_hand_counts(device):
     assert row["fgsm/baseline"] == pytest.approx(ms["fgsm"] / ms["baseline"])
     steps = 50_000 // 4  # a CIFAR-10 epoch of batches of 4
     assert row["epoch s (baseline / lat / fgsm)"] == " / ".join(f"{ms[m] * steps / 1e3:.1f}" for m in bench.METHODS)
+
+
+def test_eager_kernels_benchmark_races_the_method():
+    """benchmarks/eager_kernels.py's minimal hook version computes what lat computes (same gradients on the second
+    step, the first one perturbed), so the race compares equal work; the baseline's differ."""
+    path = Path(__file__).parents[1] / "benchmarks" / "eager_kernels.py"
+    spec = importlib.util.spec_from_file_location("eager_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    models = bench.contenders(build_model("resnet20", 10, width=0.25), eps=10.0, compiled=False)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    grads = {}
+    for name, model in models.items():
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+        grads[name] = [p.grad for p in model.parameters()]
+    for a, b in zip(grads["lat"], grads["hooks: aten"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(a, b) for a, b in zip(grads["lat"], grads["baseline"]))

@@ -1,0 +1,115 @@
+"""Benchmark: would eager lat be cheaper with torch.compile'd per-point kernels? Whole training steps, side by side.
+
+benchmarks/point_kernels.py times each job alone, where a compiled kernel (one pass) beats the aten kernels lat
+uses in eager mode. This script asks whether that survives in a training step, where a compiled kernel also
+pays dynamo's guards and call per point. Four models with the same weights take turns, step for step, in one
+process (forward, backward; no optimizer):
+
+    baseline         the plain model
+    lat              lwat.attach (the library)
+    hooks: aten      a minimal Algorithm 1 made of hooks at the same points, with lwat's eager kernels
+                     (Eq. 6: addcmul_ of the signs cast to fp32; Eq. 5: aminmax, then sign copied into int8)
+    hooks: compiled  the same hooks calling two torch.compile'd kernels (Eq. 6 one pass; Eq. 5 one pass)
+
+The hook versions skip lwat's bookkeeping (batch-size rules, GradScaler, torch.compile support), so they are
+the cheapest that either kernel choice can be; "hooks: aten" against "lat" is that bookkeeping's cost.
+
+    python benchmarks/eager_kernels.py --model resnet20 --steps 30 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lwat
+from lwat.models import build_model
+
+
+def aten_eq6(out, signs, scale):
+    out.addcmul_(signs.to(out.dtype), scale)
+
+
+def aten_eq5(g, signs, scale, eps):
+    lo, hi = torch.aminmax(g)
+    signs.copy_(torch.sign(g))
+    scale.copy_((hi - lo) * eps)
+
+
+@torch.compile(dynamic=False, fullgraph=True)
+def compiled_eq6(out, signs, scale):
+    out.add_(signs.to(out.dtype) * scale)
+
+
+@torch.compile(dynamic=False, fullgraph=True)
+def compiled_eq5(g, signs, scale, eps: float):
+    signs.copy_(torch.sign(g).to(torch.int8))
+    scale.copy_((g.amax() - g.amin()) * eps)
+
+
+def hooked(model, eps, eq6, eq5):
+    """`model` with Algorithm 1 as forward hooks on its BatchNorms (fixed batch shape, range scaling)."""
+    def hook(module, args, out):
+        if not module.training:
+            return out
+        if not hasattr(module, "signs"):
+            module.signs = torch.zeros(out.shape, dtype=torch.int8)
+            module.scale = torch.zeros(())
+        eq6(out, module.signs, module.scale)
+        out.register_hook(lambda g: eq5(g, module.signs, module.scale, eps))
+        return out
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.register_forward_hook(hook)
+    return model
+
+
+def contenders(base, eps, compiled=True):
+    """The four models of the race (three without the compiled hooks), copies of `base`."""
+    models = {"baseline": base, "lat": copy.deepcopy(base), "hooks: aten": hooked(copy.deepcopy(base), eps, aten_eq6,
+                                                                                 aten_eq5)}
+    lwat.attach(models["lat"], eps)
+    if compiled:
+        models["hooks: compiled"] = hooked(copy.deepcopy(base), eps, compiled_eq6, compiled_eq5)
+    return models
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per model (median and fastest reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = contenders(build_model(args.model, 10), eps=10.0)
+    x = torch.randn(args.batch_size, 3, 32, 32)
+    y = torch.randint(0, 10, (args.batch_size,))
+    times = {name: [] for name in models}
+    for i in range(args.warmup + args.steps):
+        for name, model in models.items():
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            F.cross_entropy(model(x), y).backward()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    best = {name: min(t) for name, t in times.items()}
+    print(f"\n{args.model}, batch {args.batch_size}, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"{args.steps} alternating steps after {args.warmup} warm-up\n")
+    print("| model | median ms | fastest ms | / baseline (median) | / baseline (fastest) |\n|---|---|---|---|---|")
+    for name in models:
+        print(f"| {name} | {1e3 * med[name]:.1f} | {1e3 * best[name]:.1f} | {med[name] / med['baseline']:.3f} | "
+              f"{best[name] / best['baseline']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
