@@ -179,7 +179,7 @@ def run_result(training: Training, index: dict) -> RunResult:
     """What is on disk for one planned training (nothing is run)."""
     run, state = find_run(index, training)
     if state == "missing":
-        return RunResult(training, "not run yet" if training.available else "not run (no data)")
+        return RunResult(training, "not run yet" if training.available else "not run (no data given)")
     result = RunResult(training, state, **vars(read_run(run)))
     if state != "finished":
         result.status = f"unfinished (epoch {len(result.log)} of {result.config.epochs})"
@@ -390,7 +390,7 @@ def reproduce(target: str, *, scale: str = "cpu", seeds: int | None = None, data
         seeds: trainings per row, seeds 0..seeds-1; default the preset's for this scale.
         data_dir: CIFAR-10: the official python-version folder or archive, or an image folder / archive (e.g. the
             JPEG copy cifar10-jpeg.tar.gz). Without it CIFAR-10 trainings are only looked up among finished runs.
-        cifar100_dir: CIFAR-100, likewise; without it its rows say "not run (no data)".
+        cifar100_dir: CIFAR-100, likewise; without it its rows say "not run (no data given)".
         out: where runs, analyses and the report go; default results/<scale>.
         device: "auto", "cpu", "cuda", ... for trainings, evaluations and analyses.
         progress: train()'s progress display: "auto", "bar", "lines" or "none".

@@ -272,7 +272,7 @@ def test_cifar100_rows_say_no_data_without_it(tmp_path):
     outcome, _ = rep.ensure_trained(plan.trainings[-1], tmp_path, {}, progress="none")
     assert outcome == "no data"
     res = rep.collect(plan, tmp_path)
-    assert res.status("cifar100-lat") == "not run (no data)"
+    assert res.status("cifar100-lat") == "not run (no data given)"
 
 
 def test_presets_follow_the_paper_and_the_scales():

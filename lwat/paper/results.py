@@ -17,7 +17,7 @@ class RunResult:
     """What is known of one planned training (the fields of a `lwat.rundir.Run`, once it exists)."""
 
     training: Training
-    status: str  # "finished", "unfinished (epoch k of E)", "not run yet", "not run (no data)", ...
+    status: str  # "finished", "unfinished (epoch k of E)", "not run yet", "not run (no data given)", ...
     dir: Path | None = None
     config: TrainConfig | None = None  # the run's own config.json
     metrics: dict | None = None
