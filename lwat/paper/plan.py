@@ -240,8 +240,10 @@ def model(scale: str, name: str) -> dict:
 def vgg_noaug(plan: Plan, data: DataSource, seeds: int, device: str, group: str, **fields) -> None:
     """VGG-16-BN without augmentation (Tables 1 and 4-6, Figure 1): equal fields give equal configs (and one
     run-directory stem) across tables."""
-    fields = {**model(plan.scale, "vgg16_bn"), **protocol(plan.scale, data.key, augment=False, device=device), **fields}
-    all_images = plan.scale == "cpu" and fields["train_subset"] is None  # Table 5 at cpu scale
+    defaults = {**model(plan.scale, "vgg16_bn"), **protocol(plan.scale, data.key, augment=False, device=device)}
+    fields = {**defaults, **fields}
+    # every training image where the scale's protocol takes a subset (Table 5 at cpu scale): named apart
+    all_images = defaults.get("train_subset") is not None and fields["train_subset"] is None
     stem = "-".join(["vgg-noaug", data.key] + (["all"] if all_images else []) + [fields["method"]]
                     + (["dropout"] if fields.get("dropout") else []) + ([f"depth{fields['depth']}"] if fields.get("depth") else []))
     plan.add(group, data, seeds, stem=stem, **fields)
