@@ -354,3 +354,13 @@ def test_list_presets_and_cli(capsys, smoke_out):
 def test_results_gitignore_keeps_checkpoints_out():
     ignore = (Path(__file__).parent.parent / "results" / ".gitignore").read_text().split()
     assert {"checkpoint.pt", "*.tmp", "!runs/"} <= set(ignore)
+
+
+def test_data_line_names_the_data_the_runs_used_once_per_data_set():
+    # The committed cpu-scale runs: Table 5 has a finished CIFAR-10 run (the JPEG copy) and no CIFAR-100 run.
+    from lwat.paper.report import _setup
+    out = Path(__file__).parent.parent / "results" / "cpu"
+    res = rep.collect(PRESETS["table5"].plan("cpu", data=resolve_data("cpu")), out)
+    assert any(r.finished for group in res.runs.values() for r in group)
+    line = next(x for x in _setup(res) if x.startswith("- Data: "))
+    assert line.startswith("- Data: CIFAR-10 (JPEG q75 copy), CIFAR-100: not given; "), line
