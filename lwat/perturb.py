@@ -202,15 +202,18 @@ class _Point(nn.Module):
                 return out
             _fit_cache(state, out, out.device, _layout(out))
         n, in_place = out.shape[0], isinstance(self, _OUTPUT_NOT_SAVED)
+        full = n == state.signs.shape[0]
         if handle.perturb:
-            rows = state.signs[:n]  # a smaller batch uses the first n rows
+            rows = state.signs if full else state.signs[:n]  # a smaller batch uses the first n rows
             if out.device.type == "cpu":  # see Kernels above
                 rows = rows.to(out.dtype)
             out = out.addcmul_(rows, state.scale) if in_place else torch.addcmul(out, rows, state.scale)  # Eq. 6
-        if capture and n == state.signs.shape[0]:  # smaller batches never refresh the cache
-            out = _Eq5.apply(out if in_place or handle.perturb else out.clone(), state.flat, state.scale,
-                             handle._loss_scale, handle.eps, handle.scale, handle.direction, state.layout,
-                             None if _compile.is_compiling() else handle, _compile.may_overflow(handle, out))
+        if capture and full:  # smaller batches never refresh the cache
+            compiling = _compile.is_compiling()  # then the graph gets the flat cache, and no Python state
+            out = _Eq5.apply(out if in_place or handle.perturb else out.clone(), state.flat if compiling
+                             else state.signs, state.scale, handle._loss_scale, handle.eps, handle.scale,
+                             handle.direction, state.layout, None if compiling else handle,
+                             compiling and _compile.may_overflow(handle, out))
         return out
 
 
@@ -283,27 +286,28 @@ class _Eq5(torch.autograd.Function):
     """Identity in forward; in backward, dJ/da -> the point's cache (r_l and eps_l), in place."""
 
     @staticmethod
-    def forward(ctx, out, flat, scale, loss_scale, eps, scale_kind, direction, layout, handle, may_overflow):
-        # The cache is handed over as the flat 1-D tensor: under inductor, a 4-D input mutated in the
-        # backward may be layout-converted in the forward and the mutation lost (torch 2.13; see _compile).
-        ctx.cache = flat, scale, loss_scale, eps, scale_kind, direction, layout, handle, may_overflow
+    def forward(ctx, out, signs, scale, loss_scale, eps, scale_kind, direction, layout, handle, may_overflow):
+        # Compiled (handle None), the signs come as the flat 1-D cache: under inductor, a 4-D input mutated in
+        # the backward may be layout-converted in the forward and the mutation lost (torch 2.13; see _compile).
+        # Eager, they come activation-shaped (no view to make per backward).
+        ctx.cache = signs, scale, loss_scale, eps, scale_kind, direction, layout, handle, may_overflow
         ctx.mark_dirty(out)  # identity without a view: later in-place ops on the output stay legal
         return out
 
     @staticmethod
     def backward(ctx, g):
-        flat, scale, loss_scale, eps, scale_kind, direction, layout, handle, may_overflow = ctx.cache
+        signs, scale, loss_scale, eps, scale_kind, direction, layout, handle, may_overflow = ctx.cache
         if handle is None:
             # Compiled: the graph cannot read Python state when it runs. It divides by the handle's loss-scale
             # tensor (which `grad_scale = ...` updates in place; 1 without a scaler), and guards against an
             # overflow where one may happen (see _compile.may_overflow).
             grad_scale, guard = loss_scale, may_overflow
+            signs = _unflatten(signs, g.shape, layout)
         else:  # eager: the loss scale set for this backward, None without a GradScaler
             grad_scale = handle.grad_scale
             guard = grad_scale is not None
         with torch.no_grad():
-            _cache_gradient(g, _unflatten(flat, g.shape, layout), scale, grad_scale, guard, eps, scale_kind,
-                            direction)
+            _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction)
         return g, None, None, None, None, None, None, None, None, None
 
 
