@@ -4,7 +4,8 @@ OUT/REPORT.md with our numbers beside the paper's.
 Layout of OUT (default results/<scale>):
     runs/<name>-<hash>/   one training (lwat.rundir): config.json, host.json, log.jsonl, metrics.json, eval.json;
                           checkpoint.pt, checkpoint.prev.pt and reproduce.lock are git-ignored
-    analysis/<name>.json  an analysis' rows per seed and the runs they came from; <name>.png its plot
+    analysis/<name>.json  an analysis' rows per seed and the runs they came from (names and training seconds, so
+                          rows of a run since trained again are not shown as its); <name>.png its plot
     REPORT.md             every preset with results here, scale, data, hardware and wall time stated
 
 Reuse is keyed by the resolved config: a training is found by looking for OUT/runs/*/config.json equal to the
@@ -215,7 +216,7 @@ def collect(plan: Plan, out, index: dict | None = None) -> Results:
             entry = stored.get("seeds", {}).get(key)
             if inputs is None:  # why: the status of a group that has no finished run
                 waiting += [res.status(g) for g in job.all_groups() if not res.finished(g)] or ["not run yet"]
-            elif entry and entry["runs"] == _ids(inputs, job) and stored.get("options") == _options(job):
+            elif entry and _computed_from(entry, inputs, job) and stored.get("options") == _options(job):
                 seeds[key] = entry["rows"]
             else:
                 waiting.append(_lacks(job, inputs) or "not run yet")
@@ -246,6 +247,17 @@ def _ids(inputs: dict[str, RunResult], job) -> list[str]:
     return [f"{key}={r.dir.name}" + (f" eval {','.join((r.eval or {}).get('accuracy', {}))}"
                                      if get_analysis(job.kind).NEEDS == "eval"
                                      else "") for key, r in inputs.items()]
+
+
+def _trained(inputs: dict[str, RunResult]) -> dict[str, float | None]:
+    """Which training made each run: its training seconds, so a run trained again under the same name is told apart."""
+    return {key: (r.metrics or {}).get("train_seconds") for key, r in inputs.items()}
+
+
+def _computed_from(entry: dict, inputs: dict[str, RunResult], job) -> bool:
+    """Whether a stored analysis entry was computed from these runs (entries made before "trained" was recorded are
+    matched by the runs' names alone)."""
+    return entry["runs"] == _ids(inputs, job) and entry.get("trained", _trained(inputs)) == _trained(inputs)
 
 
 def _options(job) -> dict:
@@ -287,7 +299,7 @@ def _analyze(res: Results, out: Path, device: str, cache: dict, say: Callable[[s
             if inputs is None:
                 continue
             entry = stored["seeds"].get(key)
-            if entry and entry["runs"] == _ids(inputs, job) and entry.get("version", 1) >= version(job.kind):
+            if entry and _computed_from(entry, inputs, job) and entry.get("version", 1) >= version(job.kind):
                 continue  # up to date (an older version's rows stay until the runs' checkpoints allow a new one)
             why = _lacks(job, inputs)
             if why:
@@ -299,8 +311,8 @@ def _analyze(res: Results, out: Path, device: str, cache: dict, say: Callable[[s
             except DataError as e:
                 say(f"analysis {job.name} ({key}): no data ({e})")
                 continue
-            stored["seeds"][key] = {"runs": _ids(inputs, job), "rows": report_rows(job.kind, result),
-                                    "version": version(job.kind)}
+            stored["seeds"][key] = {"runs": _ids(inputs, job), "trained": _trained(inputs),
+                                    "rows": report_rows(job.kind, result), "version": version(job.kind)}
             path.parent.mkdir(parents=True, exist_ok=True)
             if key == min(stored["seeds"], key=_seed_order):  # the plot shows the first seed
                 get_analysis(job.kind).plot(result, path.with_suffix(".png"))

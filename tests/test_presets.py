@@ -364,3 +364,25 @@ def test_data_line_names_the_data_the_runs_used_once_per_data_set():
     assert any(r.finished for group in res.runs.values() for r in group)
     line = next(x for x in _setup(res) if x.startswith("- Data: "))
     assert line.startswith("- Data: CIFAR-10 (JPEG q75 copy), CIFAR-100: not given; "), line
+
+
+def test_an_analysis_of_a_run_trained_again_is_not_shown_as_its(smoke_out, tmp_path):
+    """A run deleted and trained again keeps its name: the analysis rows of the earlier training must not be reported
+    for it (they say "needs checkpoint, re-run" without its checkpoint, and are computed again with it)."""
+    reproduce("table1", out=smoke_out, **SMOKE)
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_out, copy)
+    stored = json.loads((copy / "analysis" / "table1-strength.json").read_text())["seeds"]["0"]
+    run = copy / "runs" / stored["runs"][0].split("=", 1)[1]
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["train_seconds"] += 1.0  # what a second training of the same config would leave
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "checkpoint.pt").rename(run / "elsewhere.pt")
+    part = sections(Path(reproduce("table1", out=copy, **SMOKE)["report"]).read_text())["table1"]
+    row = next(line for line in part.splitlines() if line.startswith("| random signs at every point"))
+    assert row.count("needs checkpoint, re-run") == 5, row
+    (run / "elsewhere.pt").rename(run / "checkpoint.pt")
+    reproduce("table1", out=copy, **SMOKE)
+    entry = json.loads((copy / "analysis" / "table1-strength.json").read_text())["seeds"]["0"]
+    assert entry["trained"] == {"baseline": metrics["train_seconds"]} != stored["trained"]
+    assert entry["rows"] == stored["rows"]  # the same checkpoint here: the same rows, computed again
