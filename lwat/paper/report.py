@@ -61,15 +61,16 @@ def _setup(res: Results) -> list[str]:
     cfgs = ([t.config for t in plan.trainings if t.available or t.group in present]
             or [t.config for t in plan.trainings])
     models = ", ".join(dict.fromkeys(f"{c.model} (width {c.width:g})" for c in cfgs))
-    data = {}  # per data set: the data its runs used; "not given" only where none ran and none was passed
+    used, missing = {}, {}  # per data set (as planned): the data its runs used, or that it was not given
     for runs in res.runs.values():
         done = [r for r in runs if r.config is not None]
         t = runs[0].training
-        label = data_label(done[0].config.dataset, done[0].config.data_dir) if done \
-            else data_label(t.config.dataset, t.config.data_dir) + ("" if t.available else ": not given")
-        labels = data.setdefault(t.config.dataset, [])
-        if done or t.available or not labels:
-            labels[:] = [x for x in labels if not x.endswith(": not given")] + [label]
+        c = done[0].config if done else t.config
+        if done or t.available:
+            used.setdefault(t.config.dataset, []).append(data_label(c.dataset, c.data_dir))
+        else:
+            missing[t.config.dataset] = data_label(c.dataset, c.data_dir) + ": not given"
+    data = [x for labels in used.values() for x in labels] + [m for d, m in missing.items() if d not in used]
     subsets = ", ".join(dict.fromkeys(f"{c.train_subset:,} (class-balanced subset)" if c.train_subset else "all"
                                       for c in cfgs))
     schedule = ", ".join(dict.fromkeys(f"{c.epochs} epochs, batch {c.batch_size}, lr {c.lr:g} / {c.lr_drop_factor:g} "
@@ -79,7 +80,7 @@ def _setup(res: Results) -> list[str]:
     eps = ", ".join(dict.fromkeys(f"{c.eps:g} ({c.scale} scaling)" for c in cfgs))
     finished = [r for runs in res.runs.values() for r in runs if r.finished]
     return [f"- Models: {models}",
-            f"- Data: {', '.join(dict.fromkeys(sum(data.values(), [])))}; training images: {subsets}",
+            f"- Data: {', '.join(dict.fromkeys(data))}; training images: {subsets}",
             f"- Training: {schedule}; augmentation: {aug}; SGD with Nesterov momentum 0.9, weight decay "
             f"{cfgs[0].weight_decay:g}; layerwise eps {eps}",
             f"- Seeds: {plan.seeds} planned per row; {len(finished)} of {len(plan.trainings)} planned trainings "
