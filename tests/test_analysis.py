@@ -1,7 +1,11 @@
 """Tests of lwat.analysis: every analysis end to end on a tiny model (numbers checked, PNG written)."""
 
 import copy
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +254,19 @@ def test_robustness(tmp_path):
     assert_png(tmp_path / "robustness.png")
     with pytest.raises(ValueError, match="lacks"):
         robustness.compute([{"label": "lat", "eps": 0.0, "accuracy": 0.5}])
+
+
+def test_table1_control_script_averages_the_seeds(tmp_path):
+    """results/diagnostics/table1_control.py: mean ± sample std over the seed folders, per kind and eps."""
+    rows = {0: [("fgsm", 0.0, 0.60), ("fgsm", 0.1, 0.10), ("input_random", 0.1, 0.50)],
+            1: [("fgsm", 0.0, 0.64), ("fgsm", 0.1, 0.20), ("input_random", 0.1, 0.40)]}
+    for seed, kinds in rows.items():
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "strength.json").write_text(json.dumps(
+            {"rows": [{"kind": k, "eps": e, "accuracy": a} for k, e, a in kinds]}))
+    script = Path(__file__).parent.parent / "results" / "diagnostics" / "table1_control.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert "n=2 retrained models" in out
+    # 60 and 64: mean 62, sample std 2.83; 10 and 20: 15 ± 7.07; 50 and 40: 45 ± 7.07
+    assert "| FGSM at the input | 62.00 ± 2.83 | 15.00 ± 7.07 |" in out
+    assert "| random signs, input only (the control) | — | 45.00 ± 7.07 |" in out

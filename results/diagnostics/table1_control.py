@@ -1,16 +1,18 @@
 """Table 1 with its input-only controls, mean ± std over the seeds measured in results/diagnostics/table1-input-control.
 
-Reads seed*/strength.json there (each written by `lwat analyze strength RUN --out .../seedN`) and prints the table.
+Reads seed*/strength.json there, or in the folder given (each written by `lwat analyze strength RUN --out .../seedN`),
+and prints the table.
 
-    python results/diagnostics/table1_control.py
+    python results/diagnostics/table1_control.py [FOLDER]
 """
 
 import json
+import sys
 from pathlib import Path
 
 from lwat.render import fmt, stats, table
 
-HERE = Path(__file__).with_name("table1-input-control")
+HERE = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).with_name("table1-input-control")
 ROWS = {"fgsm": "FGSM at the input", "layerwise": "previous-batch signs, every layer (the paper's \"Ours\")",
         "input_prev": "previous-batch signs, input only", "input_random": "random signs, input only (the control)",
         "random": "random signs, every layer"}
