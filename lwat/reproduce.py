@@ -257,7 +257,8 @@ def _trained(inputs: dict[str, RunResult]) -> dict[str, float | None]:
 def _computed_from(entry: dict, inputs: dict[str, RunResult], job) -> bool:
     """Whether a stored analysis entry was computed from these runs (entries made before "trained" was recorded are
     matched by the runs' names alone)."""
-    return entry["runs"] == _ids(inputs, job) and entry.get("trained", _trained(inputs)) == _trained(inputs)
+    trained = _trained(inputs)
+    return entry["runs"] == _ids(inputs, job) and entry.get("trained", trained) == trained
 
 
 def _options(job) -> dict:

@@ -8,6 +8,7 @@ and prints the table.
 
 import json
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from lwat.render import fmt, stats, table
@@ -18,11 +19,10 @@ ROWS = {"fgsm": "FGSM at the input", "layerwise": "previous-batch signs, every l
         "random": "random signs, every layer"}
 
 seeds = [json.loads(p.read_text())["rows"] for p in sorted(HERE.glob("seed*/strength.json"))]
-eps = sorted({r["eps"] for rows in seeds for r in rows})
-acc = {(r["kind"], r["eps"]): [] for rows in seeds for r in rows}
-for rows in seeds:
-    for r in rows:
-        acc[r["kind"], r["eps"]].append(100 * r["accuracy"])
+acc = defaultdict(list)  # (kind, eps) -> accuracy % per seed
+for r in (r for rows in seeds for r in rows):
+    acc[r["kind"], r["eps"]].append(100 * r["accuracy"])
+eps = sorted({e for _, e in acc})
 print(f"Accuracy % on all 10,000 test images, mean ± std over n={len(seeds)} retrained models:\n")
 print("\n".join(table(["perturbation", *(f"eps {e:g}" for e in eps)],
                       [[name, *(fmt(stats(acc.get((kind, e), [])), digits=2) for e in eps)]
