@@ -2,10 +2,11 @@
 
 benchmarks/point_kernels.py times each job alone, where a compiled kernel (one pass) beats the aten kernels lat
 uses in eager mode. This script asks whether that survives in a training step, where a compiled kernel also
-pays dynamo's guards and call per point. Four models with the same weights take turns, step for step, in one
-process (forward, backward; no optimizer):
+pays dynamo's guards and call per point. Five models with the same weights take turns, step for step, in one
+process, in a rotating order (benchmarks/race.py; forward, backward; no optimizer):
 
     baseline         the plain model
+    baseline again   a second copy of it: its ratio to the first is this run's noise (A/A)
     lat              lwat.attach (the library)
     hooks: aten      a minimal Algorithm 1 made of hooks at the same points, with lwat's eager kernels
                      (Eq. 6: addcmul_ of the signs cast to fp32; Eq. 5: aminmax, then sign copied into int8)
@@ -21,14 +22,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import lwat
 from lwat.models import build_model
+from race import race
 
 
 def aten_eq6(out, signs, scale):
@@ -70,9 +72,9 @@ def hooked(model, eps, eq6, eq5):
 
 
 def contenders(base, eps, compiled=True):
-    """The four models of the race (three without the compiled hooks), copies of `base`."""
-    models = {"baseline": base, "lat": copy.deepcopy(base), "hooks: aten": hooked(copy.deepcopy(base), eps, aten_eq6,
-                                                                                 aten_eq5)}
+    """The five models of the race (four without the compiled hooks), copies of `base`."""
+    models = {"baseline": base, "baseline again": copy.deepcopy(base), "lat": copy.deepcopy(base),
+              "hooks: aten": hooked(copy.deepcopy(base), eps, aten_eq6, aten_eq5)}
     lwat.attach(models["lat"], eps)
     if compiled:
         models["hooks: compiled"] = hooked(copy.deepcopy(base), eps, compiled_eq6, compiled_eq5)
@@ -93,18 +95,15 @@ def main():
     models = contenders(build_model(args.model, 10), eps=10.0)
     x = torch.randn(args.batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch_size,))
-    times = {name: [] for name in models}
-    for i in range(args.warmup + args.steps):
-        for name, model in models.items():
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            F.cross_entropy(model(x), y).backward()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+    times = race({name: functools.partial(step, model) for name, model in models.items()}, args.steps, args.warmup)
     med = {name: statistics.median(t) for name, t in times.items()}
     best = {name: min(t) for name, t in times.items()}
     print(f"\n{args.model}, batch {args.batch_size}, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"{args.steps} alternating steps after {args.warmup} warm-up\n")
+          f"{args.steps} alternating steps (rotating order) after {args.warmup} warm-up\n")
     print("| model | median ms | fastest ms | / baseline (median) | / baseline (fastest) |\n|---|---|---|---|---|")
     for name in models:
         print(f"| {name} | {1e3 * med[name]:.1f} | {1e3 * best[name]:.1f} | {med[name] / med['baseline']:.3f} | "

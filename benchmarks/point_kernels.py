@@ -3,9 +3,10 @@
 Takes the perturbation points of a model at a batch size (default ResNet-20, batch 128: 19 BatchNorm outputs,
 24.1M elements), makes a random fp32 activation and gradient of each point's shape, and times, over all points
 together, each way of doing the two jobs the method adds to a training step. The variants take turns (one
-repeat of every variant, then the next repeat), so drift in machine speed hits all alike; the table gives the
-median and minimum over repeats, in ms per step, and each variant's ratio to the first one of its job. A
-reference row times one fp32 copy of all the points' elements, and the copy bandwidth it implies.
+repeat of every variant, then the next repeat, in a rotating order: benchmarks/race.py), so drift in machine
+speed hits all alike; the table gives the median and minimum over repeats, in ms per step, and each variant's
+ratio to the first one of its job. A reference row times one fp32 copy of all the points' elements, and the
+copy bandwidth it implies.
 
     python benchmarks/point_kernels.py                        # ResNet-20, batch 128, 2 threads
     python benchmarks/point_kernels.py --model vgg16_bn --repeats 9
@@ -18,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import lwat
 from lwat.models import build_model
+from race import race
 
 
 def point_shapes(model_name: str, batch: int) -> list[torch.Size]:
@@ -174,15 +175,7 @@ def run(args, device):
         jobs["Eq. 5"]["compiled: sign -> int8 buffer, amin, amax"] = eq5(compiled["eq5_fused_into"])
     check(outs, grads, signs, scale, jobs, compiled)
     flat = {(job, name): fn for job, variants in jobs.items() for name, fn in variants.items()}
-    times = {key: [] for key in flat}
-    for i in range(args.warmup + args.repeats):
-        for key, fn in flat.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            if i >= args.warmup:
-                times[key].append(time.perf_counter() - t0)
+    times = race(flat, args.repeats, args.warmup, lambda: sync(device))
     print(f"\n{args.model}, batch {args.batch_size}: {len(shapes)} points, {numel / 1e6:.1f}M elements; {hardware(device)}, "
           f"torch {torch.__version__}; median and min of {args.repeats} alternating repeats after {args.warmup} warm-up")
     print("| job | variant | median ms | min ms | / first of job |")

@@ -1,12 +1,14 @@
 """Benchmark: training-step time of baseline, lat and fgsm side by side, eager or compiled, fp32 or bf16.
 
 For each model, batch size, mode (eager / torch.compile) and precision (--amp off / bf16 / fp16), three
-models with the same weights (baseline, lat = lwat.attach, fgsm) and the data loader take turns, step for
-step, in one process, so drift in machine speed hits all alike. Each step is the trainer's own: the method's
+models with the same weights (baseline, lat = lwat.attach, fgsm), the data loader and a second copy of the
+baseline take turns, step for step, in one process, in an order that rotates each round (benchmarks/race.py), so
+drift in machine speed hits all alike. Each step is the trainer's own: the method's
 step from lwat.methods with lwat.train.make_passes (autocast, GradScaler for fp16), then SGD. The table gives
 medians, images/s, the ratios lat/baseline and fgsm/baseline of the medians (the paper's Table 4 "training
 time": lat about 1x, fgsm about 2x), lat/baseline of the fastest steps (on a shared machine, the least
-disturbed ones), the floor of lat/baseline (below), lat's peak-memory ratio, an epoch of CIFAR-10
+disturbed ones), A/A (the second baseline over the first: how far a ratio moves with no difference in the
+work, this run's noise), the floor of lat/baseline (below), lat's peak-memory ratio, an epoch of CIFAR-10
 extrapolated from the median step, and the input pipeline's share of a step (a Loader batch: uint8 gather,
 crop, flip, to float).
 
@@ -37,6 +39,7 @@ from lwat.data import Loader
 from lwat.methods import get_method
 from lwat.models import build_model
 from lwat.train import make_passes
+from race import race
 
 METHODS = ("baseline", "lat", "fgsm")
 CIFAR_TRAIN = 50_000  # images in a CIFAR-10 training epoch
@@ -120,15 +123,8 @@ def bench(name, width, batch, device, steps, warmup, compile_, amp, eps, channel
                     flip=True, channels_last=channels_last)
     batches = (b for epoch in range(10**9) for b in loader.iter_from(epoch))
     runs["loader"] = lambda: next(batches)
-    times = {label: [] for label in runs}
-    for i in range(warmup + steps):
-        for label, step in runs.items():  # alternate: baseline, lat, fgsm, loader, baseline, ...
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            if i >= warmup:
-                times[label].append(time.perf_counter() - t0)
+    runs["baseline again"], _ = make_step("baseline", copy.deepcopy(base), x, y, cfg, device, amp, backend)  # A/A
+    times = race(runs, steps, warmup, lambda: sync(device))
     memory = {label: peak_memory(runs[label], device) for label in ("baseline", "lat")}
     cache = handles["lat"].state_dict().values()
     cache_bytes = sum(v["signs"].nbytes + v["scale"].nbytes for v in cache)
@@ -144,6 +140,7 @@ def bench(name, width, batch, device, steps, warmup, compile_, amp, eps, channel
         **{f"{m} ms": ms[m] for m in METHODS},
         **{f"{m} img/s": 1e3 * batch / ms[m] for m in METHODS},
         "lat/baseline": ms["lat"] / ms["baseline"], "lat/baseline (min)": best["lat"] / best["baseline"],
+        "A/A": ms["baseline again"] / ms["baseline"],
         "floor": 1 + 1e3 * floor_s / best["baseline"], "fgsm/baseline": ms["fgsm"] / ms["baseline"],
         "lat/baseline memory": memory["lat"] / max(memory["baseline"], 1),
         "cache B/elem": cache_bytes / elements,
@@ -179,7 +176,7 @@ def main():
                     print_table(rows[-1:], header=len(rows) == 1)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{hardware}, torch {torch.__version__}, median of {args.steps} alternating steps after {args.warmup} "
+    print(f"\n{hardware}, torch {torch.__version__}, median of {args.steps} alternating steps (rotating order) after {args.warmup} "
           f"warm-up{', channels-last' if args.channels_last else ''}. A step: the method's forward and backward "
           "passes and SGD. memory: peak bytes allocated during one step. epoch s: extrapolated (median step x "
           f"{CIFAR_TRAIN} // batch steps of CIFAR-10; no input pipeline, no test pass), not timed. loader share: "

@@ -172,14 +172,34 @@ def test_compiled_training_matches_eager(tmp_path, device, monkeypatch):
     load_run(tmp_path / "compiled")  # loads into a plain model
 
 
-def test_benchmark_row_against_hand_counts(device):
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def benchmark(name, monkeypatch):
+    """The script benchmarks/<name>.py as a module, imported as `python benchmarks/<name>.py` runs it (its folder
+    first on sys.path, where it finds race.py)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_race_rotates_the_order_each_round(monkeypatch):
+    """Every contender runs once a round, timed only after the warm-up, in the order A B C, B C A, C A B, A B C..."""
+    calls = []
+    contenders = {name: (lambda name=name: calls.append(name)) for name in "ABC"}
+    times = benchmark("race", monkeypatch).race(contenders, rounds=3, warmup=1)
+    assert "".join(calls) == "ABC" "BCA" "CAB" "ABC"
+    assert {name: len(t) for name, t in times.items()} == {"A": 3, "B": 3, "C": 3}
+    assert all(s >= 0 for t in times.values() for s in t)
+
+
+def test_benchmark_row_against_hand_counts(device, monkeypatch):
     """benchmarks/step_overhead.py runs (one tiny row), so the lead's full table does not rot; its cache size is
     the hand count (1 byte per perturbed activation element, one fp32 scale per point) and its ratios and epoch
     estimates are those of its own step times."""
-    path = Path(__file__).parents[1] / "benchmarks" / "step_overhead.py"
-    spec = importlib.util.spec_from_file_location("step_overhead", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark("step_overhead", monkeypatch)
     row = bench.bench("resnet20", width=0.25, batch=4, device=device, steps=1, warmup=1, compile_=False, amp="bf16",
                       eps=10.0, channels_last=True, backend="inductor")
     model = build_model("resnet20", 10, width=0.25)
@@ -198,13 +218,10 @@ def test_benchmark_row_against_hand_counts(device):
     assert row["epoch s (baseline / lat / fgsm)"] == " / ".join(f"{ms[m] * steps / 1e3:.1f}" for m in bench.METHODS)
 
 
-def test_eager_kernels_benchmark_races_the_method():
+def test_eager_kernels_benchmark_races_the_method(monkeypatch):
     """benchmarks/eager_kernels.py's minimal hook version computes what lat computes (same gradients on the second
-    step, the first one perturbed), so the race compares equal work; the baseline's differ."""
-    path = Path(__file__).parents[1] / "benchmarks" / "eager_kernels.py"
-    spec = importlib.util.spec_from_file_location("eager_kernels", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    step, the first one perturbed), so the race compares equal work; the baseline's differ, its A/A copy's do not."""
+    bench = benchmark("eager_kernels", monkeypatch)
     torch.manual_seed(0)
     models = bench.contenders(build_model("resnet20", 10, width=0.25), eps=10.0, compiled=False)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
@@ -217,3 +234,5 @@ def test_eager_kernels_benchmark_races_the_method():
     for a, b in zip(grads["lat"], grads["hooks: aten"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert any(not torch.allclose(a, b) for a, b in zip(grads["lat"], grads["baseline"]))
+    for a, b in zip(grads["baseline again"], grads["baseline"]):  # the A/A pair does the same work
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
