@@ -10,6 +10,7 @@ model's parameters.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -39,7 +40,7 @@ def _check(images: torch.Tensor, labels: torch.Tensor, eps: float) -> None:
 
 
 def _check_eps(eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:  # numpy numbers too
         raise ValueError(f"eps must be a number >= 0 (pixel units), got {eps!r}")
 
 

@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, TrainingError, ValueError, FileNotFoundError) as e:
         print(f"lwat: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training's own handler is in place (loading data): nothing to save yet
+        print("lwat: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

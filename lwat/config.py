@@ -59,7 +59,8 @@ class TrainConfig:
     depth: int | None = _f(None, "perturb only the first DEPTH points (paper Table 6); default all")
     input_eps: float = _f(8 / 255, "FGSM eps of the fgsm method, pixel units of [0, 1] images")
     # running
-    seed: int = _f(0, "seeds weights, data order and augmentation")
+    seed: int = _f(0, "seeds weights, data order, augmentation, and which images the validation split and "
+                      "training subset take")
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     channels_last: bool = _f(False, "channels-last memory format for images and model")
     amp: str = _f("off", "mixed precision (autocast) of forward passes and losses: off, bf16, or fp16 with a "
@@ -85,7 +86,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_drop_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eps", "input_eps", "lr", "weight_decay", "momentum"):
+        for name in ("eps", "input_eps", "lr", "weight_decay", "momentum", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.amp not in AMPS:

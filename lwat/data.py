@@ -141,10 +141,8 @@ _DOWNLOAD_HINT = "--download on the command line, download=True in Python, fetch
 
 
 def _find_cifar_folder(spec: dict, data_dir: Path, download: bool) -> Path:
-    if data_dir.is_file() and data_dir.name.endswith((".tar.gz", ".tgz", ".tar")):
-        data_dir, archive = data_dir.parent, data_dir
-    else:
-        archive = data_dir / spec["archive"]
+    named = data_dir.name.endswith((".tar.gz", ".tgz", ".tar")) and not data_dir.is_dir()  # the archive's path
+    data_dir, archive = (data_dir.parent, data_dir) if named else (data_dir, data_dir / spec["archive"])
     if (data_dir / spec["train"][0]).is_file():  # data_dir is the extracted folder itself
         return data_dir
     folder = data_dir / spec["folder"]
@@ -152,6 +150,8 @@ def _find_cifar_folder(spec: dict, data_dir: Path, download: bool) -> Path:
         return folder
     if not archive.is_file():
         if not download:
+            if named:
+                raise DataError(f"{archive}: no such archive ({_DOWNLOAD_HINT} {spec['archive']})")
             if not data_dir.is_dir():
                 raise DataError(f"{data_dir}: data directory does not exist ({_DOWNLOAD_HINT} "
                                 f"{spec['archive']})")
@@ -268,8 +268,10 @@ def _extract_tar(archive: Path, dest: Path, folder: str) -> None:
         with tarfile.open(archive, "r:*") as tar:
             for member in tar:
                 parts = PurePosixPath(member.name).parts
-                if member.name.startswith(("/", "\\")) or ".." in parts or not parts:
+                if member.name.startswith(("/", "\\")) or ".." in parts:
                     raise DataError(f"{archive}: refusing member with unsafe path {member.name!r}")
+                if not parts:  # "." (an archive made with `tar -C dir .`): the root itself
+                    continue
                 target = tmp.joinpath(*parts)
                 if member.isdir():
                     target.mkdir(parents=True, exist_ok=True)
@@ -282,7 +284,12 @@ def _extract_tar(archive: Path, dest: Path, folder: str) -> None:
             _check_trailer(tar)
         if not (tmp / folder).is_dir():
             raise DataError(f"{archive}: archive holds no {folder}/ folder")
-        os.replace(tmp / folder, dest / folder)
+        try:
+            os.replace(tmp / folder, dest / folder)
+        except OSError:
+            if not (dest / folder).is_dir():
+                raise
+            # another process (a DDP rank, a second run) extracted the same archive first: use its folder
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{archive}: corrupt or truncated archive ({type(e).__name__}: {e})") from None
     finally:

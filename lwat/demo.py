@@ -43,6 +43,8 @@ def run_demo(out, *, epochs: int = 30, seeds: int = 5, device: str = "auto") -> 
     Returns:
         The comparison table (markdown), also written to out/demo.md; the plot is out/curves.png.
     """
+    if seeds < 1 or epochs < 1:
+        raise ValueError(f"demo: seeds and epochs must be >= 1, got seeds {seeds}, epochs {epochs}")
     out = Path(out)
     data = load_dataset("digits")
     results, logs = {}, {}

@@ -77,6 +77,9 @@ def robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Seq
     """
     get_attack(attack)  # an unknown name fails before any work
     values = [float(e) for e in eps_list]
+    repeated = sorted({e for e in values if values.count(e) > 1})
+    if repeated:  # {eps: accuracy} has one entry per eps
+        raise ValueError(f"eps {repeated[0]:g} is given more than once")
     if attack == "fgsm":
         return _fgsm_sweep(model, x, y, values, batch_size, progress)
     if progress:
@@ -149,6 +152,8 @@ def layerwise_attack_outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; known: {', '.join(DIRECTIONS)}")
+    if input_only:
+        _check_eps(eps)  # (the points' eps is checked by attach)
     device = model_device(model)
     preds: list[torch.Tensor] = []
     with _eval_mode(model), _seeded(seed, device), _capture_last_linear_input(model, features) as feats:
@@ -272,6 +277,8 @@ def _batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int,
         raise ValueError(f"{len(x)} images but {len(y)} labels")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(x) == 0:
+        raise ValueError("no images to evaluate")
     if x.dtype == torch.uint8:
         convert = lambda b: b.to(device).float().div_(255)  # noqa: E731
     elif torch.is_floating_point(x):

@@ -14,12 +14,14 @@ A run directory holds
     eval.json           clean and attacked test accuracy (`evaluate_run`)
     reproduce.lock      held by `lwat reproduce` while it trains there
 Every file is written atomically (a temporary file beside it, then renamed): a reader sees the old or the new one.
+While a run trains, its process holds a lock on the directory itself (`claim`).
 `lwat.train` writes a run through these functions; `lwat.reproduce`, `lwat analyze` and `lwat eval` read it back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -35,7 +37,7 @@ import torch
 
 import lwat
 from lwat.config import ConfigError, TrainConfig, resolve_device
-from lwat.data import CIFAR
+from lwat.data import CIFAR, cache_root
 from lwat.evaluate import FGSM_EPS, robustness
 
 CONFIG, HOST, LOG, METRICS, EVAL = "config.json", "host.json", "log.jsonl", "metrics.json", "eval.json"
@@ -54,6 +56,7 @@ def _atomic(path: Path, mode: str, *, check=None, previous: Path | None = None):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would keep a run's files from other users
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -61,12 +64,31 @@ def _atomic(path: Path, mode: str, *, check=None, previous: Path | None = None):
         if check is not None:
             check(tmp)
         if previous is not None and path.exists():
-            os.replace(path, previous)
+            _also_name(path, previous)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _also_name(path: Path, previous: Path) -> None:
+    # `previous` becomes a second name of the current file, so that `path` names a whole file at every moment (two
+    # renames would leave a moment with no checkpoint.pt); a rename where the file system has no hard links.
+    link = previous.with_name(previous.name + ".link.tmp")
+    try:
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, previous)
+        link.unlink(missing_ok=True)  # still there if both named the same file already: rename then does nothing
+    except OSError:
+        os.replace(path, previous)
 
 
 def write_json(path, obj) -> None:
@@ -145,6 +167,48 @@ def discard_start(run_dir) -> None:
         (Path(run_dir) / name).unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def claim(run_dir, *, resume: bool):
+    """Hold `run_dir` (made if missing) for one training: an exclusive lock on the directory (flock), so a second
+    `lwat train` or `--resume` of the same run fails at once instead of interleaving its epochs with the first's.
+
+    A new run (resume=False) refuses a directory holding a run with a checkpoint; a run that stopped before its
+    first checkpoint (killed in epoch 1) kept nothing, so its files are removed and it starts again. Temporary
+    files of writes that a kill interrupted are removed. ConfigError names what is wrong.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: not a directory; the run directory must be one (or not exist yet)")
+    made = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError as e:
+        raise ConfigError(f"{run_dir}: cannot make or open the run directory ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{run_dir}: another process is training this run now") from None
+        if not resume and (run_dir / CONFIG).exists():
+            if has_checkpoint(run_dir):
+                raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+            print(f"{run_dir}: its run stopped before its first checkpoint and kept nothing; starting it again",
+                  file=sys.stderr)
+            discard_start(run_dir)
+        for name in (CONFIG, HOST, LOG, METRICS, EVAL, CHECKPOINT, PREVIOUS):
+            for partial in run_dir.glob(f"{name}*.tmp"):
+                partial.unlink(missing_ok=True)
+        yield run_dir
+    except BaseException:
+        if made:  # a run that failed before writing anything leaves no directory behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
+    finally:
+        os.close(fd)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The per-epoch log and the final metrics
 
@@ -156,8 +220,12 @@ def read_log(run_dir) -> list[dict]:
 
 
 def append_log(run_dir, record: dict) -> None:
-    with open(Path(run_dir) / LOG, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Add one epoch's record to log.jsonl: the whole file is rewritten atomically (a few KB), so a kill mid-write
+    leaves the log as it was, never a torn last line."""
+    path = Path(run_dir) / LOG
+    before = path.read_text() if path.exists() else ""
+    with _atomic(path, "w") as f:
+        f.write(before + json.dumps(record) + "\n")
 
 
 def truncate_log(run_dir, epochs: int) -> None:
@@ -245,12 +313,13 @@ def data_sha256(cfg: TrainConfig) -> str | None:
     A file (an archive): of its bytes. A folder: of its manifest, the lines `<sha256 of the file>  ./<path relative to
     the folder>` sorted by path, as `cd FOLDER && find . -type f | LC_ALL=C sort | xargs sha256sum | sha256sum`
     prints: for an image folder, of every file under it; for the official CIFAR data, of the files the loader reads
-    in the extracted folder (the training and test batches and the meta file). None without a data_dir (the
-    built-in data sets) or when it does not exist.
+    in the extracted folder (the training and test batches and the meta file), which without a data_dir are
+    under `lwat.data.cache_root()`, where the loader reads them. None for the built-in data sets or when the data
+    is not there.
     """
-    if cfg.data_dir is None:
+    if cfg.data_dir is None and cfg.dataset not in CIFAR:
         return None
-    path = Path(cfg.data_dir).expanduser()
+    path = Path(cfg.data_dir).expanduser() if cfg.data_dir is not None else cache_root()
     if path.is_file():
         return _file_sha256(path)
     if not path.is_dir():

@@ -110,9 +110,11 @@ def check_sweep(base: TrainConfig, eps_list: Sequence[float], seeds: int) -> lis
     bad = [e for e in values if not 0 < e < math.inf]
     if bad:
         raise ValueError(f"sweep: every eps must be a finite number > 0, got {bad[0]:g}")
-    repeated = sorted({e for e in values if values.count(e) > 1})
+    labels = [f"{e:g}" for e in values]  # what names the runs and rows (eps10): values that print alike collide
+    repeated = sorted({label for label in labels if labels.count(label) > 1}, key=float)
     if repeated:
-        raise ValueError(f"sweep: eps {repeated[0]:g} is given more than once")
+        raise ValueError(f"sweep: eps {repeated[0]} is given more than once (values are told apart to 6 "
+                         "significant digits)")
     return values
 
 

@@ -14,10 +14,12 @@ import contextlib
 import gc
 import math
 import os
+import re
 import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -138,9 +140,10 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto"
             raise ConfigError(f"{out}: --resume continues the run with its saved config; it differs from the one given")
         if not rundir.has_checkpoint(out):
             raise ConfigError(f"{out}: no {rundir.CHECKPOINT} to resume from")
-    elif (out / CONFIG).exists():
-        raise ConfigError(f"{out} already holds a run; use --resume {out} or another --out")
-    with _process_group(cfg.device) as (rank, world, device):
+    joined = dist.is_available() and dist.is_initialized()
+    writer = (dist.get_rank() if joined else int(os.environ.get("RANK", "0"))) == 0  # rank 0 writes the run
+    with rundir.claim(out, resume=resume) if writer else contextlib.nullcontext(), \
+            _process_group(cfg.device) as (rank, world, device):
         # In a function of its own, so the DDP wrapper is gone before the process group is destroyed.
         return _train(cfg, out, method=method, resume=resume, progress=progress, stop_after_steps=stop_after_steps,
                       rank=rank, world=world, device=device)
@@ -183,7 +186,6 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
         if rank == 0:
             rundir.truncate_log(out, epoch)  # epochs logged after this checkpoint are trained again
     elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         rundir.write_json(out / CONFIG, cfg.to_dict())
     if rank == 0:
         rundir.write_host(out, cfg)
@@ -251,7 +253,9 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
                       "seconds": sums["seconds"], "images_per_s": sums["images"] / sums["seconds"]}
             if data.val_x is not None:
                 record["val_acc"] = _accuracy(model, data.val_x, data.val_y, cfg.eval_batch_size, world, device)
-            sched.step()
+            with warnings.catch_warnings():  # resumed after an epoch's last step: no optimizer step in this process
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+                sched.step()
             epoch, start, sums = epoch + 1, 0, _new_sums()
             if rank == 0:
                 rundir.append_log(out, record)

@@ -141,3 +141,5 @@ def test_bad_inputs():
         fgsm(model, torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), 0.1)
     with pytest.raises(ValueError, match="eps"):
         fgsm(model, torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), -1.0)
+    x, y = torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
+    assert torch.equal(fgsm(model, x, y, np.float32(0.25)), fgsm(model, x, y, 0.25))  # numpy numbers are numbers

@@ -42,6 +42,7 @@ SMALL = ["--model", "mlp_tanh", "--dataset", "synthetic", "--epochs", "1", "--ba
     (["--lr", "nan"], "lr must be a finite number, got nan"),
     (["--eps", "inf"], "eps must be a finite number, got inf"),
     (["--scale", "max"], "unknown scale 'max'"),
+    (["--seed", "-1"], "seed must be >= 0, got -1"),
 ])
 def test_bad_train_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
     code, out, err = run(capsys, "train", *SMALL, "--out", str(tmp_path / "r"), *argv)
@@ -85,6 +86,9 @@ def test_eval_prints_table_and_writes_json(capsys, tmp_path):
     assert f"{100 * result['accuracy']['0']:6.2f}%" in out
     code, _, err = run(capsys, "eval", str(tmp_path / "missing"))
     assert code == 2 and "no run directory or checkpoint" in err
+    code, _, err = run(capsys, "eval", str(tmp_path / "r"), "--eps", "0", "0.1", "0.1", "--device", "cpu")
+    assert code == 2 and "eps 0.1 is given more than once" in err and err.count("\n") == 1, err
+    assert json.loads((tmp_path / "r" / "eval.json").read_text()) == result  # unchanged
 
 
 @pytest.mark.parametrize("damage", ["cut", "config"])
@@ -102,6 +106,8 @@ def test_damaged_or_foreign_checkpoint_is_one_line_exit_2(damage, capsys, tmp_pa
 
 
 def test_demo_end_to_end(capsys, tmp_path):
+    code, _, err = run(capsys, "demo", "--seeds", "0", "--out", str(tmp_path / "none"))
+    assert code == 2 and "seeds and epochs must be >= 1, got seeds 0" in err and not (tmp_path / "none").exists()
     code, out, err = run(capsys, "demo", "--epochs", "2", "--seeds", "1", "--out", str(tmp_path), "--device", "cpu")
     assert code == 0, err
     assert "| baseline |" in out and "| lat |" in out
@@ -159,3 +165,6 @@ def test_analyze_every_analysis_on_tiny_runs(capsys, tmp_path):
     assert len(set(clean)) == 1  # every attack at eps 0 is the clean accuracy
     code, _, err = run(capsys, "analyze", "strength", base, lat)
     assert code == 2 and "takes one run" in err
+    for limit in ("0", "-5"):  # 0 divided by zero; -5 took all but the last five images
+        code, _, err = run(capsys, "analyze", "strength", base, "--limit", limit, "--device", "cpu")
+        assert code == 2 and f"limit must be >= 1 (the first LIMIT test images), got {limit}" in err, err

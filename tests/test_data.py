@@ -6,6 +6,7 @@ import http.server
 import io
 import os
 import pickle
+import shutil
 import tarfile
 import threading
 from pathlib import Path
@@ -157,6 +158,21 @@ def test_download_verifies_and_extracts(tmp_path, server, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
 
 
+def test_download_to_a_named_archive_path(tmp_path, server, monkeypatch):
+    """--data-dir X.tar.gz --download, X.tar.gz not there yet: the archive is fetched to that path and extracted
+    beside it (not into a new directory named X.tar.gz); without --download the error names the archive."""
+    www, url = server
+    folder, expected = make_cifar10(tmp_path / "src")
+    archive = make_targz(folder, www / "cifar-10-python.tar.gz")
+    monkeypatch.setitem(data.CIFAR["cifar10"], "url", f"{url}/cifar-10-python.tar.gz")
+    monkeypatch.setitem(data.CIFAR["cifar10"], "md5", md5(archive))
+    target = tmp_path / "dl" / "mine.tar.gz"
+    with pytest.raises(DataError, match=r"mine.tar.gz: no such archive \(--download"):
+        load_dataset("cifar10", target)
+    assert_loaded(load_dataset("cifar10", target, download=True), expected)
+    assert target.is_file() and sorted(p.name for p in target.parent.iterdir()) == ["cifar-10-batches-py", "mine.tar.gz"]
+
+
 def test_download_bad_md5_leaves_no_file(tmp_path, server, monkeypatch):
     www, url = server
     make_targz(make_cifar10(tmp_path / "src")[0], www / "cifar-10-python.tar.gz")
@@ -247,6 +263,40 @@ def test_unsafe_archive_member(tmp_path):
     with pytest.raises(DataError, match="cifar-10-python.tar.gz: refusing member with unsafe path"):
         load_dataset("cifar10", tmp_path)
     assert not (tmp_path.parent / "evil").exists()
+
+
+def test_archive_with_a_dot_root_member(tmp_path):
+    """An archive made with `tar -C dir .` has a "." member (the root itself), which is safe and skipped."""
+    folder, expected = make_cifar10(tmp_path / "src")
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder.parent, arcname=".")
+    assert "." in tarfile.open(archive).getnames()
+    assert_loaded(load_dataset("cifar10", archive.parent), expected)
+
+
+def test_extraction_that_another_process_finished_first(tmp_path, monkeypatch):
+    """Two processes (DDP ranks, two runs) extracting the same archive at once: the one that finds the folder
+    already moved in by the other uses it, no "corrupt archive" error; a failure with no folder there still fails."""
+    folder, expected = make_cifar10(tmp_path / "src")
+    (tmp_path / "data").mkdir()
+    make_targz(folder, tmp_path / "data" / "cifar-10-python.tar.gz")
+    real_replace = os.replace
+
+    def other_process_wins(src, dst):  # the other process moves its copy in between our check and our move
+        shutil.copytree(folder, dst)
+        real_replace(src, dst)  # raises: dst is a non-empty directory now
+    monkeypatch.setattr(data.os, "replace", other_process_wins)
+    assert_loaded(load_dataset("cifar10", tmp_path / "data"), expected)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    shutil.rmtree(tmp_path / "data" / "cifar-10-batches-py")
+
+    def fails(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(data.os, "replace", fails)
+    with pytest.raises(DataError, match="No space left on device"):
+        load_dataset("cifar10", tmp_path / "data")
 
 
 def test_wrong_number_of_labels(tmp_path):

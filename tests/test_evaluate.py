@@ -60,6 +60,10 @@ def test_accuracy_under_fgsm_and_robustness(trained):
         robustness(model, x, y, [0.1, -0.1])
     with pytest.raises(ValueError, match="unknown attack"):
         robustness(model, x, y, [0.1], attack="nope")
+    with pytest.raises(ValueError, match="eps 0.1 is given more than once"):  # it counted twice: 200% accuracy
+        robustness(model, x, y, [0, 0.1, 0.1])
+    with pytest.raises(ValueError, match="no images"):
+        accuracy(model, x[:0], y[:0])
 
 
 @pytest.mark.parametrize("batch_size", [16, 24])  # 24: the last batch of 64 is smaller (16)
@@ -164,6 +168,9 @@ def test_random_control_seeded(trained):
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
     with pytest.raises(ValueError, match="direction"):
         layerwise_attack_accuracy(model, x, y, 0.1, direction="sideways")
+    for input_only in (False, True):  # a negative eps is refused on both paths
+        with pytest.raises(ValueError, match="eps must be"):
+            layerwise_attack_accuracy(model, x, y, -0.1, input_only=input_only)
 
 
 def test_penultimate_features(trained, device):

@@ -1,8 +1,11 @@
 """Tests of lwat.rundir: the previous checkpoint kept, damaged checkpoints as one-line errors, provenance in host.json."""
 
+import fcntl
 import hashlib
 import json
+import os
 import re
+import stat
 import subprocess
 from pathlib import Path
 
@@ -94,6 +97,11 @@ def test_data_sha256_of_a_folder_is_the_sha256sum_manifest(tmp_path):
         cifar = TrainConfig(dataset="cifar10", data_dir=str(where))
         assert rundir.data_sha256(cifar) == sha256sum(f"printf '%s\\n' {batches}")
     assert rundir.data_sha256(TrainConfig(dataset="synthetic")) is None
+    with pytest.MonkeyPatch.context() as mp:  # no data_dir: the CIFAR files where the loader reads them
+        mp.setenv("LWAT_CACHE", str(folder.parent))
+        assert rundir.data_sha256(TrainConfig(dataset="cifar10")) == sha256sum(f"printf '%s\\n' {batches}")
+        mp.setenv("LWAT_CACHE", str(tmp_path / "empty"))
+        assert rundir.data_sha256(TrainConfig(dataset="cifar10")) is None
 
 
 def test_evaluate_run_keeps_a_finished_runs_other_eps(tmp_path):
@@ -112,3 +120,82 @@ def test_read_run_and_missing_config(tmp_path):
     run = interrupted_run(tmp_path / "run")
     view = rundir.read_run(run)
     assert not view.finished and view.has_checkpoint and [r["epoch"] for r in view.log] == [1]
+
+
+def test_a_kill_while_the_checkpoint_rotates_leaves_checkpoint_pt(tmp_path, monkeypatch):
+    """Saving makes checkpoint.prev.pt a second name of the current checkpoint before the new one takes its name,
+    so a kill between the two steps leaves checkpoint.pt as it was (two renames left no checkpoint.pt there); a
+    resume then cleans up the interrupted write's temporary file."""
+    run = interrupted_run(tmp_path / "run")
+    before = (run / rundir.CHECKPOINT).read_bytes()
+    real = rundir.os.replace
+
+    def killed_before_the_new_name(src, dst):
+        if Path(dst).name == rundir.CHECKPOINT:
+            raise KeyboardInterrupt  # stands for a kill at this moment
+        real(src, dst)
+    monkeypatch.setattr(rundir.os, "replace", killed_before_the_new_name)
+    with pytest.raises(KeyboardInterrupt):
+        rundir.save_checkpoint(torch.load(run / rundir.CHECKPOINT, weights_only=True) | {"batch": 2}, run)
+    monkeypatch.undo()
+    assert (run / rundir.CHECKPOINT).read_bytes() == before == (run / rundir.PREVIOUS).read_bytes()
+    (run / "checkpoint.ptabc123.tmp").write_bytes(b"a write a kill cut short")  # as mkstemp names it
+    train(TrainConfig(**SMALL), run, resume=True, progress="none")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "host.json", "log.jsonl",
+                                                    "metrics.json"]
+
+
+def test_run_files_are_readable_by_others(tmp_path):
+    """The atomically written files get the mode a plain open() would (0644 under umask 022), not mkstemp's 0600."""
+    old = os.umask(0o022)
+    try:
+        train(TrainConfig(**{**SMALL, "epochs": 1}), tmp_path / "run", progress="none")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").iterdir()}
+    assert modes == dict.fromkeys(["checkpoint.pt", "config.json", "host.json", "log.jsonl", "metrics.json"], 0o644)
+
+
+def test_claim_restarts_a_run_that_kept_nothing_and_refuses_a_second_trainer(tmp_path, capsys):
+    """A run killed in its first epoch (config.json, no checkpoint) starts again with the same command; a run
+    directory another process is training (it holds the directory's lock) is refused in one line; so is a file."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(TrainConfig(**SMALL).to_dict()))
+    (run / "log.jsonl").write_text("")
+    argv = ["train", "--model", "mlp_tanh", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "32",
+            "--device", "cpu", "--progress", "none", "--out", run]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0 and "stopped before its first checkpoint and kept nothing; starting it again" in err, err
+    assert [r["epoch"] for r in rundir.read_log(run)] == [1]
+    fd = os.open(run, os.O_RDONLY)  # another trainer: the lock is per open file, so this process conflicts too
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        code, _, err = run_cli(capsys, "train", "--resume", run)
+        assert code == 2 and err == f"lwat: error: {run}: another process is training this run now\n"
+    finally:
+        os.close(fd)
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        code, _, err = run_cli(capsys, *argv[:-1], out)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and str(tmp_path / "afile") in err, err
+
+
+def test_interrupt_before_training_starts_is_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the data loads (before training's own handler): one line, exit 130, no directory left."""
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("lwat.train.load_data", interrupted)
+    code, _, err = run_cli(capsys, "train", "--model", "mlp_tanh", "--dataset", "synthetic", "--device", "cpu",
+                           "--out", tmp_path / "run")
+    assert (code, err) == (130, "lwat: interrupted\n") and not (tmp_path / "run").exists()
+
+
+def test_resume_after_an_epochs_last_step_warns_nothing(tmp_path, recwarn):
+    """Stopped right after an epoch's last step, the resumed process steps the lr schedule before any optimizer
+    step: torch's 'lr_scheduler.step() before optimizer.step()' warning would be noise there (the lrs are right)."""
+    run = tmp_path / "run"
+    train(TrainConfig(**SMALL), run, progress="none", stop_after_steps=8)  # 8 steps an epoch
+    train(TrainConfig(**SMALL), run, resume=True, progress="none")
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]
+    assert [r["epoch"] for r in rundir.read_log(run)] == [1, 2]

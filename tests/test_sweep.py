@@ -32,6 +32,7 @@ def run(capsys, *argv):
     (["--eps", "-5"], "every eps must be a finite number > 0, got -5"),
     (["--eps", "inf"], "every eps must be a finite number > 0, got inf"),
     (["--eps", "10", "20", "10"], "eps 10 is given more than once"),
+    (["--eps", "10", "10.0000001"], "eps 10 is given more than once (values are told apart to 6"),
     (["--method", "baseline"], "method 'baseline' does not use eps; sweep one that does: lat, lat-joint"),
     (["--method", "fgsm"], "method 'fgsm' does not use eps"),
     (["--method", "pgd"], "unknown method 'pgd'"),

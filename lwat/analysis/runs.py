@@ -60,6 +60,8 @@ def compute(name: str, runs: list, *, target=None, baseline=(), device="cpu", li
     module = get_analysis(name)
     if not runs:
         raise ValueError(f"analyze {name}: give at least one run directory")
+    if limit is not None and limit < 1:
+        raise ValueError(f"analyze {name}: limit must be >= 1 (the first LIMIT test images), got {limit}")
     options.update({"target": target} if target is not None else {}, **({"baseline": baseline} if baseline else {}))
     unknown = sorted(set(options) - _options(module))
     if unknown:
