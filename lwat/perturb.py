@@ -29,7 +29,14 @@ How it is built, and why (each choice keeps torch.compile correct and the step c
 Rules worth knowing (tested in tests/test_perturb.py and tests/test_perturb_semantics.py):
 - Batch size: a smaller batch (the last one of an epoch without drop_last) is perturbed with the
   first n rows of the cached signs and does not refresh the cache; a larger batch or another
-  activation shape is not perturbed and starts the cache afresh (if its backward refreshes it).
+  activation shape is not perturbed and starts the cache afresh (if its backward refreshes it). So if
+  the batch size shrinks for good, call `handle.reset()`, or the larger batch's signs serve every later
+  one; and a point whose activation shape changes every batch (sequences padded to each batch's
+  longest) is never perturbed: pad to a fixed length (a warning says so after 10 shape changes).
+- A point runs once per forward pass: a module called twice in one forward (shared weights) perturbs
+  both calls with one cache, which keeps the gradient of the call whose backward runs last (the first
+  call). A point whose output needs no gradient (all before it frozen, the input without grad) gets
+  none, so it is never perturbed.
 - Several passes per step: each train-mode pass is perturbed with the cache as it is when the pass
   runs, and each backward overwrites it. Gradient accumulation (forward, backward per micro-batch)
   therefore perturbs micro-batch k with the signs of micro-batch k-1, the previous step's last
@@ -49,6 +56,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,7 +105,7 @@ def attach(
         value = float(eps)  # a Python or numpy number, or a 0-dim tensor
     except (TypeError, ValueError, RuntimeError):
         value = float("nan")
-    if isinstance(eps, bool) or not 0 <= value < float("inf"):
+    if isinstance(eps, (bool, str)) or not 0 <= value < float("inf"):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
@@ -106,8 +115,12 @@ def attach(
     if any(isinstance(m, _Point) for m in modules.values()):
         raise ValueError("model already has perturbation points attached; detach() them first")
     names = select_points(model, points)
+    lazy = [n for n in names if isinstance(modules[n], nn.modules.lazy.LazyModuleMixin)
+            and modules[n].has_uninitialized_params()]
+    if lazy:  # a lazy module replaces its own class on its first call, which would drop the point
+        raise ValueError(f"{lazy[0]!r} is a lazy module not initialized yet; run one forward pass before attach")
     if depth is not None:
-        if not 1 <= depth <= len(names):
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= len(names):
             raise ValueError(f"depth must be in 1..{len(names)} (the number of points), got {depth}")
         names = names[:depth]
     return Handle(model, [(n, modules[n]) for n in names], value, scale, direction)
@@ -115,7 +128,7 @@ def attach(
 
 def default_points(model: nn.Module) -> list[str]:
     """Names of the default points: every BatchNorm; with none, every Conv and Linear but the last Linear."""
-    named = list(model.named_modules())
+    named = list(model.named_modules())[1:]  # submodules only
     bns = [n for n, m in named if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if bns:
         return bns
@@ -130,13 +143,14 @@ def select_points(model: nn.Module, points: PointSelector = None) -> list[str]:
     Raises:
         ValueError: a name that is not in the model, a selector that matches nothing, or another type.
     """
-    named = list(model.named_modules())
+    named = list(model.named_modules())[1:]  # the model itself is never a point: its submodules are
     if points is None:
         names, what = default_points(model), "the default (BatchNorm; else Conv and hidden Linear)"
     elif isinstance(points, (list, tuple)) and points and all(isinstance(p, str) for p in points):
         unknown = [p for p in points if p not in dict(named)]
         if unknown:
-            raise ValueError(f"no module named {', '.join(map(repr, unknown))} in the model")
+            raise ValueError(f"no submodule named {', '.join(map(repr, unknown))} in the model (points are "
+                             "names from model.named_modules(), the model itself excluded)")
         return list(points)
     elif isinstance(points, type) or (isinstance(points, tuple) and points
                                       and all(isinstance(c, type) for c in points)):
@@ -155,8 +169,13 @@ def select_points(model: nn.Module, points: PointSelector = None) -> list[str]:
 
 # ---- Eq. 6: the forward pass of a point ------------------------------------------------------------
 
-# Modules whose backward does not read their own output, so Eq. 6 may update that output in place.
+# Modules whose backward does not read their own output, so Eq. 6 may update that output in place: torch's own
+# forward of these classes only (a subclass whose forward adds an activation, as timm's BatchNormAct2d, saves it).
 _OUTPUT_NOT_SAVED = (nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _output_not_saved(cls: type) -> bool:
+    return issubclass(cls, _OUTPUT_NOT_SAVED) and cls.forward.__module__.startswith("torch.nn.modules.")
 
 
 @dataclass(eq=False)
@@ -166,6 +185,10 @@ class _State:
     flat: torch.Tensor | None = None  # the same bytes as one 1-D tensor: what the compiled backward writes
     scale: torch.Tensor | None = None  # 0-dim fp32 eps_l; 0 until the first backward
     layout: torch.memory_format = torch.contiguous_format  # of signs (that of the activation)
+    reshaped: int = 0  # times a new activation shape (other than the batch size) replaced the cache
+
+
+_RESHAPED_WARN = 10  # warn once, at this many shape changes (each one costs the point one unperturbed batch)
 
 
 # Kernels, chosen side by side (benchmarks/point_kernels.py: ResNet-20's 19 points at batch 128, 24.1M elements,
@@ -189,6 +212,9 @@ class _Point(nn.Module):
         out = super().forward(*args, **kwargs)
         state = self._lwat
         handle = state.handle
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"lwat: a perturbation point must return one tensor; {type(self).__name__.removeprefix('Perturbed')} "
+                            f"returns {type(out).__name__} (choose the module that makes the activation to perturb)")
         if handle._sizing:  # lwat/_compile.py runs the model on the meta device to learn each point's shape
             # Inductor keeps a conv net's 4-D activations channels-last on the CPU: a cache in that layout is
             # read and written contiguously by the compiled kernels (the eager layout would be gathered).
@@ -201,7 +227,7 @@ class _Point(nn.Module):
             if not capture:
                 return out
             _fit_cache(state, out, out.device, _layout(out))
-        n, in_place = out.shape[0], isinstance(self, _OUTPUT_NOT_SAVED)
+        n, in_place = out.shape[0], self._lwat_in_place
         full = n == state.signs.shape[0]
         if handle.perturb:
             rows = state.signs if full else state.signs[:n]  # a smaller batch uses the first n rows
@@ -235,7 +261,8 @@ def _unwrapped(cls: type, attached: type, plain: type) -> type:
 @functools.cache
 def _point_class(cls: type) -> type:
     # One subclass per module class, reused, so compiled graphs are shared between instances.
-    return type(f"Perturbed{cls.__name__}", (_Point, cls), {"__module__": cls.__module__})
+    return type(f"Perturbed{cls.__name__}", (_Point, cls),
+                {"__module__": cls.__module__, "_lwat_in_place": _output_not_saved(cls)})
 
 
 def _fits(signs: torch.Tensor | None, shape: torch.Size, device: torch.device) -> bool:
@@ -254,6 +281,13 @@ def _fit_cache(state: _State, out: torch.Tensor, device: torch.device, layout: t
 
 
 def _new_cache(state: _State, shape: torch.Size, layout: torch.memory_format, device: torch.device) -> None:
+    if state.signs is not None and state.signs.shape[1:] != shape[1:]:
+        state.reshaped += 1
+        if state.reshaped == _RESHAPED_WARN:
+            warnings.warn(f"lwat: a point's activation shape changed {state.reshaped} times ({tuple(shape)} now): a "
+                          "batch whose activations differ in shape from the previous batch's is not perturbed "
+                          "(dynamic padding of sequences does this every batch); pad to a fixed length",
+                          stacklevel=2)
     state.flat = torch.zeros(shape.numel(), dtype=torch.int8, device=device)
     state.signs, state.layout = _unflatten(state.flat, shape, layout), layout
     state.scale = torch.zeros((), device=device)
@@ -447,5 +481,6 @@ class Handle:
             if signs is None:
                 cache.signs = cache.flat = cache.scale = None
                 continue
-            _copy_cache(cache, signs, scale, _layout(signs), signs.device)
+            device = next(itertools.chain(module.parameters(), module.buffers()), signs).device  # the point's
+            _copy_cache(cache, signs, scale, _layout(signs), device)
         self._sized_for = None

@@ -134,11 +134,15 @@ def test_checkpoints_hold_the_cache_and_load_as_the_plain_model(run):
 
 
 def test_resume_reloads_the_cache_and_equals_the_uninterrupted_run(run, tmp_path):
+    """The cache comes from the checkpoint of the step resumed at, even with a stale args.resume_from_checkpoint
+    (here checkpoint-4 of the first run, set in TrainingArguments, while train(resume_from_checkpoint=True) resumes
+    from <output_dir>/checkpoint-2)."""
     shutil.copytree(run.out / "checkpoint-2", tmp_path / "checkpoint-2")
     model = bert(seed=7)
     lat = LayerwiseAdversarialCallback(EPS, points=LAYERNORMS)
     record = Recorder(lat, model)
-    trainer(tmp_path, model, [lat, record]).train(resume_from_checkpoint=True)
+    stale = str(run.out / "checkpoint-4")
+    trainer(tmp_path, model, [lat, record], resume_from_checkpoint=stale).train(resume_from_checkpoint=True)
     assert len(record.steps) == 2  # steps 3 and 4
     assert_same_cache(record.steps[0]["before"], saved_cache(run.out / "checkpoint-2"))
     assert_same_cache(saved_cache(tmp_path / "checkpoint-4"), saved_cache(run.out / "checkpoint-4"))

@@ -332,7 +332,10 @@ def test_layer_norm_points_match_the_reference(device):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(eps=-1.0), "eps"),
     (dict(eps=1.0, scale="max"), "unknown scale 'max'"),
-    (dict(eps=1.0, points=["stem", "nope"]), "no module named 'nope'"),
+    (dict(eps=1.0, points=["stem", "nope"]), "no submodule named 'nope'"),
+    (dict(eps=1.0, points=[""]), "no submodule named ''"),  # the model itself
+    (dict(eps="10"), "eps must be a finite number >= 0, got '10'"),
+    (dict(eps=1.0, depth=1.5), "depth must be in 1..3"),
     (dict(eps=1.0, depth=4), "depth must be in 1..3"),
     (dict(eps=1.0, direction="up"), "unknown direction"),
     (dict(eps=1.0, points=nn.LayerNorm), "no perturbation point found in Nested: points=LayerNorm matches no module"),
@@ -616,3 +619,66 @@ def test_compiled_model_that_cannot_run_on_meta_warns_and_stays_exact(device):
     for p in handle.points:
         assert torch.equal(handle.state_dict()[p]["signs"], eager_handle.state_dict()[p]["signs"]), p
     torch._dynamo.reset()
+
+
+class BNAct(nn.BatchNorm2d):
+    """A BatchNorm with its activation built in (as timm's BatchNormAct2d): tanh saves its output for backward."""
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
+def test_a_subclass_with_its_own_forward_is_perturbed_out_of_place(device):
+    """Eq. 6 updates the output in place only after torch's own BatchNorm/Conv/Linear forward; a subclass whose
+    forward saves its output is perturbed out of place: training runs (in place, its backward raised), and the
+    point's output is the plain output plus eps_l * r."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), BNAct(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).to(device)
+    model = copy.deepcopy(net)
+    handle = lwat.attach(model, 5.0)
+    assert handle.points == ["1"]
+    for x, y in batches(3, (4, 3, 8, 8), device=device):
+        F.cross_entropy(model(x), y).backward()
+    cache = handle.state_dict()["1"]
+    x = batches(1, (4, 3, 8, 8), device=device)[0][0]
+    got = model[1](model[0](x)) - net[1](net[0](x))
+    torch.testing.assert_close(got, cache["scale"] * cache["signs"].float(), rtol=1e-5, atol=1e-6)
+    assert cache["scale"] > 0
+
+
+def test_the_model_itself_is_never_a_point():
+    """A class or callable selector that matches the model itself selects its submodules only (detaching a root
+    point left the model unusable)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 2)))
+    handle = lwat.attach(model, 0.5, points=nn.Sequential)
+    assert handle.points == ["1"]
+    handle.detach()
+    assert type(model) is nn.Sequential and type(model[1]) is nn.Sequential
+    assert model(torch.randn(2, 4)).shape == (2, 2)
+
+
+def test_points_that_cannot_be_perturbed_are_one_line_errors():
+    gru = nn.Sequential(nn.GRU(3, 4, batch_first=True))
+    lwat.attach(gru, 1.0, points=nn.GRU)
+    with pytest.raises(TypeError, match="a perturbation point must return one tensor; GRU returns tuple"):
+        gru(torch.randn(2, 5, 3))
+    lazy = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="'0' is a lazy module not initialized yet; run one forward pass"):
+        lwat.attach(lazy, 1.0, points=["0"])
+    lazy(torch.randn(2, 3))  # initialized: now it can be a point
+    assert lwat.attach(lazy, 1.0, points=["0"]).points == ["0"]
+
+
+def test_a_point_whose_shape_changes_every_batch_warns_once(recwarn):
+    """Sequences padded to each batch's longest: every batch makes a new cache and none is perturbed; after 10
+    such shape changes one warning says so. Batch-size changes alone do not count."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    handle = lwat.attach(model, 1.0, points=nn.LayerNorm)
+    for n in (4, 2, 8, 3, 8, 8, 1, 8, 5, 8, 2, 8):  # the batch size moves, the activation shape does not
+        model(torch.randn(n, 7, 3)).sum().backward()
+    assert not [w for w in recwarn if "lwat" in str(w.message)]
+    for t in range(1, 13):  # sequence length t: a new activation shape every batch
+        model(torch.randn(2, t, 3)).sum().backward()
+        assert handle.state_dict()["1"]["signs"].shape == (2, t, 3)
+    warned = [str(w.message) for w in recwarn if "activation shape changed" in str(w.message)]
+    assert len(warned) == 1 and "changed 10 times ((2, 10, 3) now)" in warned[0] and "fixed length" in warned[0]

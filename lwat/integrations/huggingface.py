@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lwat.integrations._shared import Attachment
@@ -27,8 +29,10 @@ class LayerwiseAdversarialCallback(TrainerCallback):
 
     Checkpoints: each process writes its cache as `lwat-cache-rank<r>.pt` into each `checkpoint-<step>` folder.
     When training resumes (the Trainer's state says step > 0), each process reloads its own from
-    `args.resume_from_checkpoint` if set, else from `<output_dir>/checkpoint-<step>` (the folder that
-    `train(resume_from_checkpoint=True)` picks); when it finds none, it warns and starts without a cache.
+    `args.resume_from_checkpoint` if that folder is the checkpoint of this step, else from
+    `<output_dir>/checkpoint-<step>` (the folder that `train(resume_from_checkpoint=True)` picks;
+    `train(resume_from_checkpoint=PATH)` does not tell callbacks PATH: set `args.resume_from_checkpoint` too for
+    a checkpoint elsewhere); when it finds none, it warns and starts without a cache.
     fp16: before each step the handle gets the loss scale of accelerate's GradScaler, so eps_l comes from the
     unscaled gradient (DeepSpeed's own fp16 loss scale is not readable: fp16 with DeepSpeed is refused).
     """
@@ -50,7 +54,7 @@ class LayerwiseAdversarialCallback(TrainerCallback):
         self._lwat.attach(model)
         self._scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer holds it
         if state.global_step > 0:  # resuming: the Trainer loaded the state of checkpoint-<global_step>
-            folder = args.resume_from_checkpoint or _checkpoint_folder(args, state)
+            folder = _resumed_folder(args, state)
             path = os.path.join(folder, CACHE_FILE.format(rank=args.process_index))
             if not os.path.isfile(path):
                 warnings.warn(f"lwat: no perturbation cache {path}; the first batch after resuming is not "
@@ -77,3 +81,17 @@ class LayerwiseAdversarialCallback(TrainerCallback):
 
 def _checkpoint_folder(args, state) -> str:
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
+def _resumed_folder(args, state) -> str:
+    # The checkpoint the Trainer resumed from: args.resume_from_checkpoint if it holds this step (a value set in
+    # TrainingArguments may be stale; `train(resume_from_checkpoint=PATH)` does not set it, transformers 5.24),
+    # else <output_dir>/checkpoint-<step>.
+    given = args.resume_from_checkpoint
+    try:
+        with open(os.path.join(given, TRAINER_STATE_NAME)) as f:
+            if json.load(f).get("global_step") == state.global_step:
+                return given
+    except (TypeError, OSError, ValueError):  # not set, no trainer_state.json, or not JSON
+        pass
+    return _checkpoint_folder(args, state)
