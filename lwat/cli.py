@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, TrainingError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TrainingError, ValueError, OSError) as e:  # OSError: a path that cannot be used
         print(f"lwat: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before training's own handler is in place (loading data): nothing to save yet

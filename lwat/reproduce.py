@@ -192,6 +192,27 @@ def _with_seed(t: Training, seed: int) -> Training:
                     t.available, tuple(a.replace(seed=seed) for a in t.alternatives))
 
 
+def _one_data_set(results: list[RunResult], index: dict, planned: int) -> list[RunResult]:
+    # A row averages runs on one data set: the one the first finished seed used. A seed found on another (an accepted
+    # alternative, e.g. the JPEG copy beside the official files) is looked up again on that data set alone; a
+    # further seed not finished there is dropped.
+    first = next((r for r in results if r.finished), None)
+    if first is None:
+        return results
+    data = data_identity(first.config.dataset, first.config.data_dir)
+    kept = []
+    for i, r in enumerate(results):
+        if r.finished and data_identity(r.config.dataset, r.config.data_dir) != data:
+            t = r.training
+            same = [c for c in (t.config, *t.alternatives) if data_identity(c.dataset, c.data_dir) == data]
+            r = run_result(Training(t.name, t.group, t.seed, same[0], t.available), index) if same else \
+                RunResult(t, "not run yet")
+            r.training = t
+        if i < planned or r.finished:
+            kept.append(r)
+    return kept
+
+
 def collect(plan: Plan, out, index: dict | None = None) -> Results:
     """The plan's runs and analyses as they are on disk under `out` (nothing is run).
 
@@ -207,7 +228,7 @@ def collect(plan: Plan, out, index: dict | None = None) -> Results:
         while (extra := run_result(_with_seed(planned[0], seed), index)).finished:
             results.append(extra)
             seed += 1
-        runs[group] = results
+        runs[group] = _one_data_set(results, index, len(planned))
     res = Results(plan, runs, {})
     for job in plan.analyses:
         stored = read_json(out / "analysis" / f"{job.name}.json") or {}

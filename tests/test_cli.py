@@ -165,6 +165,12 @@ def test_analyze_every_analysis_on_tiny_runs(capsys, tmp_path):
     assert len(set(clean)) == 1  # every attack at eps 0 is the clean accuracy
     code, _, err = run(capsys, "analyze", "strength", base, lat)
     assert code == 2 and "takes one run" in err
+    for argv, message in ((["tsne", base, "--classes", "0", "0"], "tsne: give two different classes, got (0, 0)"),
+                          (["curves", base, base], f"analyze curves: run {base} is given more than once"),
+                          (["depth", lat, "--out", str(tmp_path / "afile" / "a")], "Not a directory")):
+        (tmp_path / "afile").write_text("")
+        code, _, err = run(capsys, "analyze", *argv, "--device", "cpu")
+        assert code == 2 and message in err and err.count("\n") == 1, err
     for limit in ("0", "-5"):  # 0 divided by zero; -5 took all but the last five images
         code, _, err = run(capsys, "analyze", "strength", base, "--limit", limit, "--device", "cpu")
         assert code == 2 and f"limit must be >= 1 (the first LIMIT test images), got {limit}" in err, err

@@ -386,3 +386,54 @@ def test_an_analysis_of_a_run_trained_again_is_not_shown_as_its(smoke_out, tmp_p
     entry = json.loads((copy / "analysis" / "table1-strength.json").read_text())["seeds"]["0"]
     assert entry["trained"] == {"baseline": metrics["train_seconds"]} != stored["trained"]
     assert entry["rows"] == stored["rows"]  # the same checkpoint here: the same rows, computed again
+
+
+def test_the_seeds_line_counts_planned_and_further_seeds_apart(smoke_out, tmp_path):
+    """A finished run of a seed the plan does not ask for is used (collect), but is not one of the planned trainings:
+    "1 of 1 planned" and "1 further seed", never "2 of 1 planned"."""
+    reproduce("table5", out=smoke_out, **SMOKE)
+    out = tmp_path / "copy"
+    shutil.copytree(smoke_out, out, ignore=shutil.ignore_patterns("analysis"))
+    before = sections(Path(reproduce("table5", out=out, **SMOKE)["report"]).read_text())["table5"]
+    planned = int(before.split(" planned trainings finished")[0].rsplit(" of ", 1)[1])
+    assert f"{planned} of {planned} planned trainings finished (rows" in before
+    source = next((out / "runs").glob("vgg-noaug-cifar10-baseline-seed0-*"))
+    extra = out / "runs" / source.name.replace("-seed0-", "-seed1-")
+    shutil.copytree(source, extra)
+    config = json.loads((extra / "config.json").read_text())
+    (extra / "config.json").write_text(json.dumps({**config, "seed": 1}))
+    part = sections(Path(reproduce("table5", out=out, **SMOKE)["report"]).read_text())["table5"]
+    assert f"{planned} of {planned} planned trainings finished, and 1 further seed(s) found" in part, part
+
+
+def test_a_row_averages_one_data_set(tmp_path):
+    """Seeds of one row finished on the official files and on the accepted JPEG copy are not averaged together: the
+    row reads the data set of its first finished seed, and a seed finished only on the other is not finished there."""
+    from lwat.rundir import write_json
+    plan = PRESETS["table6"].plan("cpu", 3, None, "cpu")
+    base = [t for t in plan.trainings if t.group == "baseline"]
+    assert base[0].alternatives, "table6 at cpu scale accepts the JPEG copy"
+
+    def fake(cfg, name, acc):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        write_json(run / "config.json", cfg.to_dict())
+        write_json(run / "metrics.json", {"status": "finished", "test_acc": acc, "best_test_acc": acc, "train_acc": 1})
+        (run / "log.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": acc, "train_acc": 1.0, "seconds": 1.0}))
+    fake(base[0].config, "b0", 0.60)  # the official files
+    fake(base[1].alternatives[0], "b1", 0.70)  # the JPEG copy
+    fake(base[2].config, "b2", 0.80)
+    runs = rep.collect(plan, tmp_path).runs["baseline"]
+    assert [r.finished for r in runs] == [True, False, True]
+    assert [r.metrics["test_acc"] for r in runs if r.finished] == [0.60, 0.80]
+
+
+def test_table1_counts_n_per_row():
+    # The committed cpu-scale Table 1: two seeds analysed before the random-input control existed (no checkpoint to
+    # add it): its row is n=0, the others n=2 (every row said n=2).
+    from lwat.paper import table1
+    out = Path(__file__).parent.parent / "results" / "cpu"
+    res = rep.collect(PRESETS["table1"].plan("cpu", data=resolve_data("cpu")), out)
+    lines = "\n".join(table1.render(res))
+    assert "| ours (layerwise, n=2) | 65.2 ± 0.6 |" in lines
+    assert "| random signs at the input only (control) | ours (n=0) | needs checkpoint, re-run |" in lines

@@ -115,6 +115,10 @@ def analyze(name: str, runs: list, *, out=None, device: str = "auto", limit: int
     module = get_analysis(name)
     if not runs:
         raise ValueError(f"analyze {name}: give at least one run directory")
+    paths = [Path(r).resolve() for r in runs]
+    repeated = next((r for r, p in zip(runs, paths) if paths.count(p) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"analyze {name}: run {repeated} is given more than once")
     views = [read_run(r) for r in runs]
     methods = [v.config.method for v in views]
     labelled = [(v.config.method if methods.count(v.config.method) == 1 else v.dir.name, v)

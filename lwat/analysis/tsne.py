@@ -46,6 +46,8 @@ def compute(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: tuple[i
     """
     from sklearn.manifold import TSNE
 
+    if len(set(classes)) != 2:
+        raise ValueError(f"tsne: give two different classes, got {tuple(classes)}")
     y_cpu = y.cpu()
     picked = [torch.nonzero(y_cpu == c).flatten()[:n_per_class] for c in classes]
     if any(len(p) < 2 for p in picked):

@@ -29,12 +29,13 @@ def render(res) -> list[str]:
     for key, data in DATA_NAMES.items():
         lines += [f"{data}:", ""]
         lines += res.plot_line(f"figure3-curves-{key}", f"train and test error per epoch, {data}")
-        base, lat = (res.finished(f"{key}-vgg16_bn-{m}") for m in ("baseline", "lat"))
+        base, lat = ([r for r in res.finished(f"{key}-vgg16_bn-{m}") if r.training.seed == 0]  # the plot's seed
+                     for m in ("baseline", "lat"))
         if not base or not lat:
             continue
 
         def last(runs, k):
-            return stats([100 * (1 - r.log[-1][k]) for r in runs[:1]])
+            return stats([100 * (1 - r.log[-1][k]) for r in runs])
 
         lines.append("Claims (paper: the perturbed model's training error, on perturbed activations, stays higher "
                      "while its test error ends lower):")

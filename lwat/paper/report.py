@@ -63,13 +63,13 @@ def _setup(res: Results) -> list[str]:
     models = ", ".join(dict.fromkeys(f"{c.model} (width {c.width:g})" for c in cfgs))
     used, missing = {}, {}  # per data set (as planned): the data its runs used, or that it was not given
     for runs in res.runs.values():
-        done = [r for r in runs if r.config is not None]
+        done = [r.config for r in runs if r.config is not None]
         t = runs[0].training
-        c = done[0].config if done else t.config
         if done or t.available:
-            used.setdefault(t.config.dataset, []).append(data_label(c.dataset, c.data_dir))
+            for c in done or [t.config]:  # every run's data, so a mix shows
+                used.setdefault(t.config.dataset, []).append(data_label(c.dataset, c.data_dir))
         else:
-            missing[t.config.dataset] = data_label(c.dataset, c.data_dir) + ": not given"
+            missing[t.config.dataset] = data_label(t.config.dataset, t.config.data_dir) + ": not given"
     data = [x for labels in used.values() for x in labels] + [m for d, m in missing.items() if d not in used]
     subsets = ", ".join(dict.fromkeys(f"{c.train_subset:,} (class-balanced subset)" if c.train_subset else "all"
                                       for c in cfgs))
@@ -79,11 +79,14 @@ def _setup(res: Results) -> list[str]:
                                   for c in cfgs))
     eps = ", ".join(dict.fromkeys(f"{c.eps:g} ({c.scale} scaling)" for c in cfgs))
     finished = [r for runs in res.runs.values() for r in runs if r.finished]
+    planned = {t.name for t in plan.trainings}
+    extra = sum(r.training.name not in planned for r in finished)  # further seeds found on disk (collect)
     return [f"- Models: {models}",
             f"- Data: {', '.join(dict.fromkeys(data))}; training images: {subsets}",
             f"- Training: {schedule}; augmentation: {aug}; SGD with Nesterov momentum 0.9, weight decay "
             f"{cfgs[0].weight_decay:g}; layerwise eps {eps}",
-            f"- Seeds: {plan.seeds} planned per row; {len(finished)} of {len(plan.trainings)} planned trainings "
-            f"finished (rows average every finished seed, n below)",
+            f"- Seeds: {plan.seeds} planned per row; {len(finished) - extra} of {len(plan.trainings)} planned "
+            f"trainings finished" + (f", and {extra} further seed(s) found" if extra else "") +
+            " (rows average every finished seed, n below)",
             f"- Wall time (the logs' training seconds, evaluation excluded): {hours(train_seconds(finished))}; "
             f"hardware: {hardware(finished)}"]

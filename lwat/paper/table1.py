@@ -41,11 +41,13 @@ def render(res) -> list[str]:
             status = "needs checkpoint, re-run"
         return [fmt(at(kind, e), status) for e in EPS]
 
-    n = f"n={len(res.analysis_rows(ANALYSIS))}"
+    def n(kind):  # the seeds whose analysis has this row (one computed before the row existed lacks it)
+        return f"n={sum(any(r['kind'] == kind for r in seed) for seed in res.analysis_rows(ANALYSIS).values())}"
+
     rows = []
     for row, kind in ROWS:
-        rows += [[row, "paper", *map(paper_fmt, PAPER["rows"][row])], ["", f"ours ({kind}, {n})", *ours(kind)]]
-    rows += [[row, f"ours ({n})", *ours(kind)] for row, kind in CONTROLS]
+        rows += [[row, "paper", *map(paper_fmt, PAPER["rows"][row])], ["", f"ours ({kind}, {n(kind)})", *ours(kind)]]
+    rows += [[row, f"ours ({n(kind)})", *ours(kind)] for row, kind in CONTROLS]
     lines = table(["Type", "", *(f"eps = {e:g}" for e in EPS)], rows) + [""]
     lines.append("Claims (paper: the layerwise previous-batch perturbation is more adversarial than FGSM; the same "
                  "signs at the input only are not adversarial):")
