@@ -32,7 +32,7 @@ class TrainConfig:
     dropout: bool = _f(False, "the model's dropout layers on (vgg16_bn: cifar.torch's; wrn: 0.3); paper Table 5")
     method: str = _f("lat", "training method (lwat.methods registry)")
     # data
-    dataset: str = _f("cifar10", "data set: cifar10, cifar100, digits, folder, synthetic")
+    dataset: str = _f("cifar10", "data set: cifar10, cifar100, digits, folder, synthetic, synthetic100")
     data_dir: str | None = _f(None, "CIFAR folder or .tar.gz, or an image folder / .tar(.gz) archive for 'folder'")
     download: bool = _f(False, "download the official CIFAR archive when missing (MD5-checked)")
     grayscale: bool = _f(False, "convert images to one luma channel (the paper's toy example)")

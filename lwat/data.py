@@ -669,6 +669,8 @@ class Loader:
         if x.dtype != torch.uint8 or x.ndim != 4 or y.shape != (len(x),):
             raise DataError(f"Loader: expected uint8 (N, C, H, W) images and (N,) labels, got {x.dtype} "
                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"Loader: batch_size must be an integer >= 1, got {batch_size!r}")
         device = torch.device(device) if device is not None else x.device
         self.x, self.y = x.to(device), y.to(device, torch.int64)
         self.batch_size, self.train, self.crop, self.flip, self.pad = batch_size, train, crop, flip, pad

@@ -471,6 +471,7 @@ def reproduce(target: str, *, scale: str = "cpu", seeds: int | None = None, data
             _evaluate(res, device, say)
             _analyze(res, out, device, cache, say)
     command = " ".join([f"lwat reproduce {target} --scale {scale}", *([f"--seeds {seeds}"] if seeds else []),
+                        *([f"--out {out}"] if out != Path("results") / scale else []),
                         *(f"--{flag} {data[key].data_dir}" for flag, key in (("data-dir", "cifar10"),
                                                                              ("cifar100-dir", "cifar100"))
                           if data[key].available and data[key].data_dir)])

@@ -502,6 +502,9 @@ def test_loader_test_mode_covers_everything_in_order(device):
     assert images.min() >= 0 and images.max() <= 1
     assert torch.equal((images.cpu() * 255).round().to(torch.uint8), ds.test_x)
     assert torch.equal(torch.cat([y for _, y in batches]).cpu(), ds.test_y)
+    for bad in (0, -4, 2.0):  # 0 divided by zero, -4 gave a negative length
+        with pytest.raises(DataError, match=f"batch_size must be an integer >= 1, got {bad}"):
+            Loader(ds.test_x, ds.test_y, bad, train=False)
 
 
 def test_loader_train_mode(device):

@@ -437,3 +437,22 @@ def test_table1_counts_n_per_row():
     lines = "\n".join(table1.render(res))
     assert "| ours (layerwise, n=2) | 65.2 ± 0.6 |" in lines
     assert "| random signs at the input only (control) | ours (n=0) | needs checkpoint, re-run |" in lines
+
+
+def test_eps_spread_compares_seed_0_of_every_eps():
+    # The committed cpu-scale toy runs: eps 10 has three seeds, eps 5, 20 and 30 one each. The spread and the best
+    # eps compare seed 0 of each (the mean of three seeds against single seeds mixed n=3 with n=1).
+    from lwat.paper import eps as eps_preset
+    out = Path(__file__).parent.parent / "results" / "cpu"
+    res = rep.collect(PRESETS["eps"].plan("cpu", data=resolve_data("cpu")), out)
+    seed0 = {}
+    for config in (out / "runs").glob("toy-*/config.json"):
+        cfg = json.loads(config.read_text())
+        if cfg["method"] == "lat" and cfg["seed"] == 0 and (config.parent / "metrics.json").exists():
+            seed0[cfg["eps"]] = 100 * json.loads((config.parent / "metrics.json").read_text())["test_acc"]
+    assert sorted(seed0) == [5.0, 10.0, 20.0, 30.0]
+    lines = "\n".join(eps_preset.render(res))
+    best = max(seed0, key=seed0.get)
+    assert f"- spread of lat's accuracy over eps 5, 10, 20, 30, seed 0 of each: " \
+           f"{max(seed0.values()) - min(seed0.values()):.2f} points" in lines
+    assert f"lat at its best eps ({best:g}, by seed 0) beats fgsm" in lines

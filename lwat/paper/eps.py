@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lwat.paper.plan import toy
-from lwat.render import claim, table
+from lwat.render import claim, stats, table
 
 NAME = "eps"
 TITLE = "Appendix: sensitivity to eps (range scaling), toy MLP on grayscale CIFAR-10"
@@ -31,7 +31,10 @@ def render(res) -> list[str]:
     if all(len(res.finished(g)) == 1 for g in (*sweep.values(), "toy-baseline")):
         lines += ["One seed per network: a difference of a few tenths of a point says nothing either way.", ""]
     acc = {e: res.acc(g) for e, g in sweep.items()}
-    done = {e: a for e, a in acc.items() if a is not None}
+    # Best eps and spread from seed 0 of every eps, like with like (some eps have more seeds than others).
+    seed0 = {e: stats([100 * r.metrics["test_acc"] for r in res.finished(g) if r.training.seed == 0])
+             for e, g in sweep.items()}
+    done = {e: a for e, a in seed0.items() if a is not None}
     base, base_best = res.acc("toy-baseline"), res.acc("toy-baseline", "best_test_acc")
     lines.append("Claims (paper: not overly sensitive to eps; lat beats the baseline and FGS on the toy network):")
     for e in sorted(acc):
@@ -39,10 +42,10 @@ def render(res) -> list[str]:
         lines.append(claim(f"lat at eps {e:g} (final) beats the baseline's best epoch", acc[e], base_best,
                            names=("lat", "baseline best")))
     best = max(done, key=lambda e: done[e][0], default=None)
-    lines.append(claim(f"lat at its best eps ({best:g}) beats fgsm" if best is not None else "lat beats fgsm",
-                       done.get(best), res.acc("toy-fgsm"), names=("lat", "fgsm")))
+    lines.append(claim(f"lat at its best eps ({best:g}, by seed 0) beats fgsm" if best is not None else
+                       "lat beats fgsm", acc.get(best), res.acc("toy-fgsm"), names=("lat", "fgsm")))
     if len(done) > 1:
         spread = max(a[0] for a in done.values()) - min(a[0] for a in done.values())
-        lines.append(f"- spread of lat's accuracy over eps {', '.join(f'{e:g}' for e in sorted(done))}: "
-                     f"{spread:.2f} points")
+        lines.append(f"- spread of lat's accuracy over eps {', '.join(f'{e:g}' for e in sorted(done))}, seed 0 of "
+                     f"each: {spread:.2f} points")
     return lines + [""]
