@@ -161,7 +161,7 @@ def test_a_checkpoint_from_another_number_of_processes_warns_and_starts_without_
 
 @pytest.mark.parametrize("args, message", [
     ({"module": "model"}, "module='model': Net has no submodule of that name"),
-    ({"points": ["net.9"]}, "no module named 'net.9'"),
+    ({"points": ["net.9"]}, "no submodule named 'net.9'"),
     ({"eps": -1.0}, "eps must be a finite number >= 0"),
 ])
 def test_mistakes_are_one_line_errors_and_leave_the_model_plain(args, message):
