@@ -161,7 +161,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data location, if it moved since training (default: the run's)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="baseline vs lat on the embedded digits data (about two minutes on CPU)",
+    p = sub.add_parser("demo", help="baseline vs lat on the embedded digits data (under a minute on 2 idle CPU cores)",
                        description="Train baseline and lat on scikit-learn's digits, print a comparison "
                                    "table and write a PNG of the training curves.")
     p.add_argument("--out", default="runs/demo", help="where the runs and the plot go (default: runs/demo)")

@@ -28,7 +28,7 @@ class TrainConfig:
 
     # what is trained
     model: str = _f("resnet20", "model name (lwat.models registry)")
-    width: float = _f(1.0, "channel width multiplier (vgg16_bn, resnets); 1 = the paper's")
+    width: float = _f(1.0, "channel width multiplier (vgg16_bn, resnets, vit); 1 = the paper's")
     dropout: bool = _f(False, "the model's dropout layers on (vgg16_bn: cifar.torch's; wrn: 0.3); paper Table 5")
     method: str = _f("lat", "training method (lwat.methods registry)")
     # data
