@@ -35,8 +35,9 @@ Rules worth knowing (tested in tests/test_perturb.py and tests/test_perturb_sema
   longest) is never perturbed: pad to a fixed length (a warning says so after 10 shape changes).
 - A point runs once per forward pass: a module called twice in one forward (shared weights) perturbs
   both calls with one cache, which keeps the gradient of the call whose backward runs last (the first
-  call). A point whose output needs no gradient (all before it frozen, the input without grad) gets
-  none, so it is never perturbed.
+  call). A point whose output needs no gradient (all before it frozen, the input without grad) is
+  made to need one in eager mode, so Eq. 5 still gets dJ/da there (under torch.compile it gets none
+  and is never perturbed).
 - Several passes per step: each train-mode pass is perturbed with the cache as it is when the pass
   runs, and each backward overwrites it. Gradient accumulation (forward, backward per micro-batch)
   therefore perturbs micro-batch k with the signs of micro-batch k-1, the previous step's last
@@ -222,7 +223,9 @@ class _Point(nn.Module):
             return out
         if not (self.training or handle.in_eval) or not (handle.perturb or handle.capture):
             return out
-        capture = handle.capture and out.requires_grad
+        # A point after frozen layers (nothing before it needs a gradient) still needs its own for Eq. 5 (eager).
+        frozen = not out.requires_grad and handle.capture and torch.is_grad_enabled() and not _compile.is_compiling()
+        capture = handle.capture and (out.requires_grad or frozen)
         if not _fits(state.signs, out.shape, out.device):  # no cache of this shape: unperturbed, new cache if captured
             if not capture:
                 return out
@@ -235,6 +238,8 @@ class _Point(nn.Module):
                 rows = rows.to(out.dtype)
             out = out.addcmul_(rows, state.scale) if in_place else torch.addcmul(out, rows, state.scale)  # Eq. 6
         if capture and full:  # smaller batches never refresh the cache
+            if frozen:
+                out = out.requires_grad_().clone()  # a leaf that requires grad cannot be marked dirty: a copy is
             compiling = _compile.is_compiling()  # then the graph gets the flat cache, and no Python state
             out = _Eq5.apply(out if in_place or handle.perturb else out.clone(), state.flat if compiling
                              else state.signs, state.scale, handle._loss_scale, handle.eps, handle.scale,

@@ -682,3 +682,24 @@ def test_a_point_whose_shape_changes_every_batch_warns_once(recwarn):
         assert handle.state_dict()["1"]["signs"].shape == (2, t, 3)
     warned = [str(w.message) for w in recwarn if "activation shape changed" in str(w.message)]
     assert len(warned) == 1 and "changed 10 times ((2, 10, 3) now)" in warned[0] and "fixed length" in warned[0]
+
+
+def test_points_after_frozen_layers_are_perturbed(device):
+    """Fine-tuning with the first block frozen: the first point's output needs no gradient for training, but Eq. 5
+    needs dJ/da there; it gets it, and its cache equals the sign and range of a reference gradient."""
+    torch.manual_seed(0)
+    net = conv_bn_net().to(device)
+    for p in [*net[0].parameters(), *net[1].parameters()]:
+        p.requires_grad_(False)
+    model = copy.deepcopy(net)
+    handle = lwat.attach(model, 10.0)
+    (x0, y0), = batches(1, (6, 3, 8, 8), device=device)
+    F.cross_entropy(model(x0), y0).backward()
+    acts = []
+    net[1].register_forward_hook(lambda m, a, out: acts.append(out.requires_grad_()))
+    F.cross_entropy(net(x0), y0).backward()
+    g = acts[0].grad
+    cache = handle.state_dict()["1"]
+    assert torch.equal(cache["signs"].float(), torch.sign(g))
+    torch.testing.assert_close(cache["scale"], 10.0 * (g.max() - g.min()))
+    assert model[0].weight.grad is None  # the frozen layers still get no gradient
