@@ -76,6 +76,22 @@ def test_strength_against_hand_references(trained, data, device, tmp_path):
         for kind, pred in refs.items():
             assert res["accuracy"][kind][i] == pytest.approx(fraction(pred, y), abs=tol), (kind, e)
     assert res["accuracy"]["random"][0] == pytest.approx(clean, abs=tol)  # random signs of size 0: clean
+    deltas = []  # at every point: |delta| = eps, and about half of the signs positive
+    first = dict(trained.named_modules())[points[0]]
+    hook = first.register_forward_hook(lambda m, a, out: deltas.append(out - F.linear(a[0], m.weight, m.bias)))
+    try:
+        strength.compute(trained, x, y, eps_list=(0.5,), batch_size=16, kinds=("random",))
+    finally:
+        hook.remove()
+    d = torch.cat(deltas[1:]).detach()  # batch 0 is clean
+    assert torch.allclose(d.abs(), torch.full_like(d, 0.5), atol=1e-5)
+    assert (d > 0).float().mean().item() == pytest.approx(0.5, abs=0.1)
+    both = strength.compute(copy.deepcopy(trained), x, y, eps_list=(0.5,), batch_size=16, kinds=("random", "layerwise"))
+    assert both["accuracy"]["random"][0] > both["accuracy"]["layerwise"][0]  # random signs, not the gradient's
+    seeded = strength.compute(copy.deepcopy(trained), x, y, eps_list=(0.5,), batch_size=16, kinds=("input_random",),
+                              seed=1)
+    ref = fraction(random_input_predictions(copy.deepcopy(trained), x, 0.5, 16, seed=1), y)
+    assert seeded["accuracy"]["input_random"][0] == pytest.approx(ref, abs=tol)
     assert res["accuracy"]["layerwise"][2] < clean  # and the references themselves are not the clean model
     assert res["accuracy"]["input_random"][2] < clean  # random signs of size 3 at the input destroy the images
     only = strength.compute(copy.deepcopy(trained).to(device), x, y, eps_list=(0.1,), batch_size=16,
@@ -127,6 +143,10 @@ def test_tsne_against_hand_references(trained, data, tmp_path):
             feats.double().numpy())
         np.testing.assert_allclose(res["embedding"]["random"][i], embedding, rtol=1e-6, atol=1e-6)
     assert res["accuracy"]["adversarial"][1] < res["accuracy"]["adversarial"][0]
+    # The adversarial embedding is of the perturbed features: at eps 0 it is the random one's (clean features, same
+    # t-SNE seed), at eps 2 it moved.
+    np.testing.assert_allclose(res["embedding"]["adversarial"][0], res["embedding"]["random"][0], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(res["embedding"]["adversarial"][1], res["embedding"]["adversarial"][0])
     assert len(tsne.to_rows(res)) == 2 * 2 * len(idx)
     assert tsne.summary_rows(res) == [{"kind": k, "eps": e, "accuracy": res["accuracy"][k][i]}
                                       for k in ("adversarial", "random") for i, e in enumerate(res["eps"])]

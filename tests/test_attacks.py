@@ -81,6 +81,19 @@ def test_pgd_matches_art_without_random_start(trained, device):
     np.testing.assert_allclose(adv.numpy(), ref, rtol=0, atol=1e-6)
 
 
+def test_pgd_random_start_by_hand(trained):
+    """The seeded random start is x + U(-eps, eps), clipped to the ball and [0, 1] (steps=0 returns it), and it
+    changes the attack's result (the ART comparison runs without it)."""
+    model, x, y = trained
+    eps = 0.1
+    start = pgd(model, x, y, eps, steps=0, generator=torch.Generator().manual_seed(1))
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+    want = torch.minimum(torch.maximum(x + (2 * noise - 1) * eps, (x - eps).clamp(min=0)), (x + eps).clamp(max=1))
+    torch.testing.assert_close(start, want, rtol=0, atol=0)
+    assert not torch.equal(pgd(model, x, y, eps, generator=torch.Generator().manual_seed(1)),
+                           pgd(model, x, y, eps, random_start=False))
+
+
 def test_pgd_ball_box_and_strength(trained, device):
     model, x, y = trained
     model = copy.deepcopy(model).to(device)

@@ -12,7 +12,7 @@ from lwat.attacks import fgsm
 from lwat.data import synthetic_dataset
 from lwat.evaluate import (accuracy, layerwise_attack_accuracy, layerwise_attack_outputs, penultimate_features,
                            robustness)
-from reference import fraction, previous_batch_predictions
+from reference import fgsm_predictions, fraction, previous_batch_predictions
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,10 @@ def test_accuracy_under_fgsm_and_robustness(trained):
     assert res[0.1] == pytest.approx(ref, abs=1e-12)
     assert res[0.3] < res[0.0]
     assert res[0.3] == accuracy(model, x, y, attack="fgsm", eps=0.3, batch_size=64)  # one gradient serves every eps
+    for e in (0.1, 0.3, 0.6):  # against the hand-written FGSM of tests/reference.py, not lwat.attacks
+        ref = fraction(fgsm_predictions(model, x, y, e, 64), y)
+        assert accuracy(model, x, y, attack="fgsm", eps=e, batch_size=64) == pytest.approx(ref, abs=1e-12), e
+        assert robustness(model, x, y, [e], batch_size=64)[e] == pytest.approx(ref, abs=1e-12), e
     with pytest.raises(ValueError, match="eps must be"):
         robustness(model, x, y, [0.1, -0.1])
     with pytest.raises(ValueError, match="unknown attack"):
@@ -166,6 +170,8 @@ def test_random_control_seeded(trained):
     b = layerwise_attack_outputs(model, x, y, 5.0, batch_size=16, direction="random", seed=1)["pred"]
     assert torch.equal(a, b)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
+    other = layerwise_attack_outputs(model, x, y, 5.0, batch_size=16, direction="random", seed=2)["pred"]
+    assert not torch.equal(a, other)  # the seed is used
     with pytest.raises(ValueError, match="direction"):
         layerwise_attack_accuracy(model, x, y, 0.1, direction="sideways")
     for input_only in (False, True):  # a negative eps is refused on both paths

@@ -48,6 +48,9 @@ def test_every_method_trains_with_finite_loss(name, device):
         assert torch.isfinite(loss) and logits.shape == (16, 4)
         assert all(p.grad is not None for p in model.parameters())
         opt.step()
+    assert (handle is not None) == get_method(name).layerwise
+    if handle is not None:  # the control method's signs are random, the others' the gradient's
+        assert handle.direction == ("random" if name == "random" else "gradient")
     if method.layerwise:  # the perturbation points are there and their cache is filled
         assert len(handle.points) == 19
         assert all(v["signs"].abs().sum() > 0 for v in handle.state_dict().values())
