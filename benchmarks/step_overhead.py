@@ -176,8 +176,8 @@ def main():
                     print_table(rows[-1:], header=len(rows) == 1)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{hardware}, torch {torch.__version__}, median of {args.steps} alternating steps (rotating order) after {args.warmup} "
-          f"warm-up{', channels-last' if args.channels_last else ''}. A step: the method's forward and backward "
+    print(f"\n{hardware}, torch {torch.__version__}, median of {args.steps} alternating steps (rotating order) "
+          f"after {args.warmup} warm-up{', channels-last' if args.channels_last else ''}. A step: the method's forward and backward "
           "passes and SGD. memory: peak bytes allocated during one step. epoch s: extrapolated (median step x "
           f"{CIFAR_TRAIN} // batch steps of CIFAR-10; no input pipeline, no test pass), not timed. loader share: "
           "a Loader batch (uint8 gather, crop, flip, to float) / (that + the baseline step).")

@@ -214,8 +214,9 @@ class _Point(nn.Module):
         state = self._lwat
         handle = state.handle
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"lwat: a perturbation point must return one tensor; {type(self).__name__.removeprefix('Perturbed')} "
-                            f"returns {type(out).__name__} (choose the module that makes the activation to perturb)")
+            name = type(self).__name__.removeprefix("Perturbed")
+            raise TypeError(f"lwat: a perturbation point must return one tensor; {name} returns "
+                            f"{type(out).__name__} (choose the module that makes the activation to perturb)")
         if handle._sizing:  # lwat/_compile.py runs the model on the meta device to learn each point's shape
             # Inductor keeps a conv net's 4-D activations channels-last on the CPU: a cache in that layout is
             # read and written contiguously by the compiled kernels (the eager layout would be gathered).
@@ -239,7 +240,7 @@ class _Point(nn.Module):
             out = out.addcmul_(rows, state.scale) if in_place else torch.addcmul(out, rows, state.scale)  # Eq. 6
         if capture and full:  # smaller batches never refresh the cache
             if frozen:
-                out = out.requires_grad_().clone()  # a leaf that requires grad cannot be marked dirty: a copy is
+                out = out.requires_grad_().clone()  # Eq. 5 marks its input dirty, which a leaf cannot be
             compiling = _compile.is_compiling()  # then the graph gets the flat cache, and no Python state
             out = _Eq5.apply(out if in_place or handle.perturb else out.clone(), state.flat if compiling
                              else state.signs, state.scale, handle._loss_scale, handle.eps, handle.scale,

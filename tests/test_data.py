@@ -170,7 +170,8 @@ def test_download_to_a_named_archive_path(tmp_path, server, monkeypatch):
     with pytest.raises(DataError, match=r"mine.tar.gz: no such archive \(--download"):
         load_dataset("cifar10", target)
     assert_loaded(load_dataset("cifar10", target, download=True), expected)
-    assert target.is_file() and sorted(p.name for p in target.parent.iterdir()) == ["cifar-10-batches-py", "mine.tar.gz"]
+    assert target.is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["cifar-10-batches-py", "mine.tar.gz"]
 
 
 def test_download_bad_md5_leaves_no_file(tmp_path, server, monkeypatch):

@@ -48,8 +48,8 @@ def render(res) -> list[str]:
     rows = [[DATA_NAMES[key], name, kind, paper_fmt(PAPER["values"].get(g)), res.cell(g),
              res.cell(g, "best_test_acc"), res.cell(g, "train_acc"), res.n(g)]
             for key in DATA_NAMES for g, name, kind in _groups(key) if g in res.runs]
-    lines = table(["data", "model", "type", "paper", "ours: final", "ours: best epoch", "ours: train acc (lat: on perturbed activations)",
-                   "seeds"], rows)
+    lines = table(["data", "model", "type", "paper", "ours: final", "ours: best epoch",
+                   "ours: train acc (lat: on perturbed activations)", "seeds"], rows)
     lines += ["", "The paper's numbers for this table are not in the paper text this project has (the table's body "
               "was lost in conversion): 'n/a' until they are copied from the PDF.", "",
               "Claims (paper: the perturbed model beats the baseline for every model and data set):"]
