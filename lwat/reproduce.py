@@ -20,6 +20,7 @@ a model need its checkpoint and say "needs checkpoint, re-run" where it is missi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -205,9 +206,9 @@ def _one_data_set(results: list[RunResult], index: dict, planned: int) -> list[R
         if r.finished and data_identity(r.config.dataset, r.config.data_dir) != data:
             t = r.training
             same = [c for c in (t.config, *t.alternatives) if data_identity(c.dataset, c.data_dir) == data]
-            r = run_result(Training(t.name, t.group, t.seed, same[0], t.available), index) if same else \
+            r = run_result(dataclasses.replace(t, config=same[0], alternatives=()), index) if same else \
                 RunResult(t, "not run yet")
-            r.training = t
+            r.training = t  # the planned training itself (the report tells planned from further seeds by it)
         if i < planned or r.finished:
             kept.append(r)
     return kept

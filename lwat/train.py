@@ -140,10 +140,8 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto"
             raise ConfigError(f"{out}: --resume continues the run with its saved config; it differs from the one given")
         if not rundir.has_checkpoint(out):
             raise ConfigError(f"{out}: no {rundir.CHECKPOINT} to resume from")
-    joined = dist.is_available() and dist.is_initialized()
-    writer = (dist.get_rank() if joined else int(os.environ.get("RANK", "0"))) == 0  # rank 0 writes the run
-    with rundir.claim(out, resume=resume) if writer else contextlib.nullcontext(), \
-            _process_group(cfg.device) as (rank, world, device):
+    with _process_group(cfg.device) as (rank, world, device), \
+            rundir.claim(out, resume=resume) if rank == 0 else contextlib.nullcontext():  # rank 0 writes the run
         # In a function of its own, so the DDP wrapper is gone before the process group is destroyed.
         return _train(cfg, out, method=method, resume=resume, progress=progress, stop_after_steps=stop_after_steps,
                       rank=rank, world=world, device=device)
@@ -341,7 +339,7 @@ def _process_group(device_name: str):
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": device} if cuda else {}))
     try:
-        dist.barrier()  # no rank is still looking for an existing run when rank 0 writes one
+        dist.barrier()  # every rank has checked what --resume needs before rank 0 writes anything
         yield dist.get_rank(), world, device
         dist.barrier()  # and none returns before rank 0 has written everything (a resume may follow at once)
     finally:
