@@ -95,3 +95,24 @@ def _size_cache(handle, module, args, kwargs, shapes) -> None:
     finally:
         handle._sizing = None
     handle._sized_for = shapes
+
+
+# ---- Eager mode with attach(kernels="compiled"): Eq. 6 and Eq. 5 as one compiled pass each ------------------
+# In eager mode Eq. 6 and Eq. 5 are aten kernels (perturb.py): two passes over memory each, with an fp32
+# temporary. These two compile (on first use, once per tensor rank; dynamic sizes) into one pass each. Called
+# unrecorded: a compiled function that updates a tensor requiring grad under autograd runs as a compiled
+# autograd.Function that copies the result back, slower than the aten kernels (benchmarks/eager_kernels.py).
+# Eq. 5's signs come back as a new tensor, which the point keeps: writing them into the old cache from inside
+# a compiled function costs a pass of its own (benchmarks/point_kernels.py). Under torch.compile of the model,
+# perturb.py uses its aten code, which inductor fuses into the model's own kernels.
+
+@torch.compile(dynamic=True, fullgraph=True)
+def eq6_kernel(out: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor) -> None:
+    # As aten's addcmul_ computes it: the sum in fp32, rounded once (the caller gives eps_l in the activation's
+    # dtype, as aten's type promotion rounds it; a cast inside would be elided by inductor).
+    out.copy_(out.float() + signs.float() * scale.float())
+
+
+@torch.compile(dynamic=True, fullgraph=True)
+def eq5_kernel(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.sign(g).to(torch.int8), g.amin(), g.amax()

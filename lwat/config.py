@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lwat.perturb import KERNELS
+
 AMPS = ("off", "bf16", "fp16")  # --amp values: fp32, bfloat16 autocast, float16 autocast with loss scaling
 
 
@@ -67,6 +69,9 @@ class TrainConfig:
                          "GradScaler; the perturbation always uses the unscaled gradient")
     compile: bool = _f(False, "torch.compile the model: lwat's cache update (Eq. 5) is traced into the compiled "
                               "backward")
+    kernels: str = _f("aten", "how eager mode computes the method's per-point work (Eq. 5, 6): aten, or compiled "
+                              "(one torch.compile'd pass each, compiled on the first steps; needs a C++ compiler "
+                              "on the CPU); no effect with --compile")
     eval_batch_size: int = _f(500, "images per step when measuring test accuracy")
 
     def __post_init__(self):
@@ -91,6 +96,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.amp not in AMPS:
             raise ConfigError(f"amp: unknown value {self.amp!r}; known: {', '.join(AMPS)}")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"kernels: unknown value {self.kernels!r}; known: {', '.join(KERNELS)}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.lr_drop_factor <= 0 or self.width <= 0:

@@ -68,6 +68,7 @@ from torch import nn
 from lwat import _compile
 
 SCALES = ("range", "fixed")
+KERNELS = ("aten", "compiled")  # eager mode's Eq. 5 / Eq. 6: aten ops, or two torch.compile'd one-pass kernels
 DIRECTIONS = ("gradient", "random")  # "random": random signs, same eps_l (a control experiment)
 
 PointSelector = list[str] | tuple | type | Callable[[str, nn.Module], bool] | None
@@ -81,6 +82,7 @@ def attach(
     points: PointSelector = None,
     depth: int | None = None,
     direction: str = "gradient",
+    kernels: str = "aten",
 ) -> Handle:
     """Turn `model` into a layerwise adversarially trained model (Algorithm 1), in place.
 
@@ -98,6 +100,11 @@ def attach(
             Conv and every Linear except the last.
         depth: perturb only the first `depth` points (in `named_modules()` order), paper Table 6.
         direction: "gradient" (the method) or "random" (random signs with the same eps_l).
+        kernels: how eager mode computes Eq. 6 and Eq. 5: "aten" (default: torch's own ops, two passes over
+            memory each) or "compiled" (one torch.compile'd pass each, compiled on the first training steps,
+            a few seconds; needs what torch.compile needs, a C++ compiler on the CPU). Same results either
+            way (fp32 exactly); README "Cost" measures the speed. Under torch.compile of the model it changes
+            nothing: the compiled step fuses the method into its own kernels.
 
     Returns:
         A `Handle`: `.points`, `.state_dict()`, `.load_state_dict()`, `.paused()`, `.detach()`.
@@ -112,6 +119,8 @@ def attach(
         raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; known: {', '.join(DIRECTIONS)}")
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}; known: {', '.join(KERNELS)}")
     modules = dict(model.named_modules())
     if any(isinstance(m, _Point) for m in modules.values()):
         raise ValueError("model already has perturbation points attached; detach() them first")
@@ -124,7 +133,7 @@ def attach(
         if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= len(names):
             raise ValueError(f"depth must be in 1..{len(names)} (the number of points), got {depth}")
         names = names[:depth]
-    return Handle(model, [(n, modules[n]) for n in names], value, scale, direction)
+    return Handle(model, [(n, modules[n]) for n in names], value, scale, direction, kernels)
 
 
 def default_points(model: nn.Module) -> list[str]:
@@ -199,11 +208,10 @@ _RESHAPED_WARN = 10  # warn once, at this many shape changes (each one costs the
 # registers, so there the mixed-dtype addcmul_ stays one pass and one launch (not measured: no GPU was lent).
 # Eq. 5 is aminmax, then sign() copied into the int8 cache (9.2 ms): fewer passes than the comparisons it
 # replaced (gt - lt, five kernels, 26.0 ms) and torch._foreach_* over all points (a loop on the CPU, 38.3 ms).
-# A torch.compile'd kernel per job (5.7 and 5.2 ms) or 1 MiB slices that keep the fp32 temporaries in cache
-# (6.8 and 7.9 ms) are faster alone; but slices gained nothing measurable in whole training steps (a one-off
-# A/B, lat/baseline with and without slices 1.095 vs 1.061, then 1.134 vs 1.152: within this shared machine's
-# noise), and a compiled kernel in eager mode would compile once per activation shape and need a C++ compiler.
-# Under torch.compile all of it fuses into the layer's own kernels.
+# 1 MiB slices that keep the fp32 temporaries in cache (6.8 and 7.9 ms) are faster alone but gained nothing
+# measurable in whole training steps. One torch.compile'd pass per job is faster alone and, called unrecorded,
+# in whole steps too: attach(kernels="compiled") (lwat/_compile.py; opt-in, as it compiles on the first steps and
+# needs a C++ compiler on the CPU). Under torch.compile of the model all of it fuses into the layers' own kernels.
 
 
 class _Point(nn.Module):
@@ -233,18 +241,22 @@ class _Point(nn.Module):
             _fit_cache(state, out, out.device, _layout(out))
         n, in_place = out.shape[0], self._lwat_in_place
         full = n == state.signs.shape[0]
+        compiling = _compile.is_compiling()  # then the graph gets the flat cache, and no Python state
         if handle.perturb:
             rows = state.signs if full else state.signs[:n]  # a smaller batch uses the first n rows
-            if out.device.type == "cpu":  # see Kernels above
-                rows = rows.to(out.dtype)
-            out = out.addcmul_(rows, state.scale) if in_place else torch.addcmul(out, rows, state.scale)  # Eq. 6
+            if in_place and handle.kernels == "compiled" and not compiling:
+                with torch.no_grad():  # unrecorded: Eq. 6's derivative is 1 (see the kernels in lwat/_compile.py)
+                    _compile.eq6_kernel(out, rows, state.scale.to(out.dtype))  # Eq. 6
+            else:
+                if out.device.type == "cpu":  # see Kernels above
+                    rows = rows.to(out.dtype)
+                out = out.addcmul_(rows, state.scale) if in_place else torch.addcmul(out, rows, state.scale)  # Eq. 6
         if capture and full:  # smaller batches never refresh the cache
             if frozen:
                 out = out.requires_grad_().clone()  # Eq. 5 marks its input dirty, which a leaf cannot be
-            compiling = _compile.is_compiling()  # then the graph gets the flat cache, and no Python state
             out = _Eq5.apply(out if in_place or handle.perturb else out.clone(), state.flat if compiling
                              else state.signs, state.scale, handle._loss_scale, handle.eps, handle.scale,
-                             handle.direction, state.layout, None if compiling else handle,
+                             handle.direction, state.layout, None if compiling else state,
                              compiling and _compile.may_overflow(handle, out))
         return out
 
@@ -326,45 +338,53 @@ class _Eq5(torch.autograd.Function):
     """Identity in forward; in backward, dJ/da -> the point's cache (r_l and eps_l), in place."""
 
     @staticmethod
-    def forward(ctx, out, signs, scale, loss_scale, eps, scale_kind, direction, layout, handle, may_overflow):
-        # Compiled (handle None), the signs come as the flat 1-D cache: under inductor, a 4-D input mutated in
+    def forward(ctx, out, signs, scale, loss_scale, eps, scale_kind, direction, layout, state, may_overflow):
+        # Compiled (state None), the signs come as the flat 1-D cache: under inductor, a 4-D input mutated in
         # the backward may be layout-converted in the forward and the mutation lost (torch 2.13; see _compile).
-        # Eager, they come activation-shaped (no view to make per backward).
-        ctx.cache = signs, scale, loss_scale, eps, scale_kind, direction, layout, handle, may_overflow
+        # Eager, they come activation-shaped (no view to make per backward), with the point's _State.
+        ctx.cache = signs, scale, loss_scale, eps, scale_kind, direction, layout, state, may_overflow
         ctx.mark_dirty(out)  # identity without a view: later in-place ops on the output stay legal
         return out
 
     @staticmethod
     def backward(ctx, g):
-        signs, scale, loss_scale, eps, scale_kind, direction, layout, handle, may_overflow = ctx.cache
-        if handle is None:
+        signs, scale, loss_scale, eps, scale_kind, direction, layout, state, may_overflow = ctx.cache
+        fused = False
+        if state is None:
             # Compiled: the graph cannot read Python state when it runs. It divides by the handle's loss-scale
             # tensor (which `grad_scale = ...` updates in place; 1 without a scaler), and guards against an
             # overflow where one may happen (see _compile.may_overflow).
             grad_scale, guard = loss_scale, may_overflow
             signs = _unflatten(signs, g.shape, layout)
         else:  # eager: the loss scale set for this backward, None without a GradScaler
-            grad_scale = handle.grad_scale
+            grad_scale = state.handle.grad_scale
             guard = grad_scale is not None
+            fused = state.handle.kernels == "compiled" and direction == "gradient"
         with torch.no_grad():
-            _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction)
+            new_signs = _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction, fused)
+        if fused:
+            _keep(state, new_signs, signs)
         return g, None, None, None, None, None, None, None, None, None
 
 
-def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction) -> None:
-    # Eq. 5, with g = dJ/da at this point: r_l = sign(g) and eps_l, written over the cache in place.
-    if _compile.is_compiling() and g.dim() > 2:
-        # Per channel first: the same loops as a BatchNorm's own backward reductions, so inductor fuses them
-        # (one pass over g, not two); min and max are exact, so the range is the same.
-        per_channel = [d for d in range(g.dim()) if d != 1]
-        lo, hi = g.amin(per_channel).amin(), g.amax(per_channel).amax()
+def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction, fused=False):
+    # Eq. 5, with g = dJ/da at this point: r_l = sign(g) and eps_l, written over the cache in place; `fused`
+    # (eager, kernels="compiled"): one compiled pass makes new signs, returned for the point to keep.
+    if fused:
+        new_signs, lo, hi = _compile.eq5_kernel(g)
     else:
-        lo, hi = torch.aminmax(g)
+        if _compile.is_compiling() and g.dim() > 2:
+            # Per channel first: the same loops as a BatchNorm's own backward reductions, so inductor fuses them
+            # (one pass over g, not two); min and max are exact, so the range is the same.
+            per_channel = [d for d in range(g.dim()) if d != 1]
+            lo, hi = g.amin(per_channel).amin(), g.amax(per_channel).amax()
+        else:
+            lo, hi = torch.aminmax(g)
+        if direction == "random":
+            new_signs = torch.randint_like(signs, 0, 2).mul_(2).sub_(1)
+        else:
+            new_signs = torch.sign(g)  # (stored as int8 by the copy below; see benchmarks/point_kernels.py)
     spread = hi.float() - lo.float()  # fp32: an fp16 range can overflow
-    if direction == "random":
-        new_signs = torch.randint_like(signs, 0, 2).mul_(2).sub_(1)
-    else:
-        new_signs = torch.sign(g)  # (stored as int8 by the copy below; see benchmarks/point_kernels.py)
     if scale_kind == "range":
         new_scale = spread * eps  # eps_l = eps * (M - m), appendix
         if grad_scale is not None:  # a GradScaler's loss scale: eps_l uses the true gradient
@@ -378,8 +398,21 @@ def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, directi
         finite = torch.isfinite(spread)
         new_signs = torch.where(finite, new_signs, signs)
         new_scale = torch.where(finite, new_scale, scale)
-    signs.copy_(new_signs)
     scale.copy_(new_scale)
+    if fused:
+        return new_signs
+    signs.copy_(new_signs)
+    return None
+
+
+def _keep(state: _State, new: torch.Tensor, old: torch.Tensor) -> None:
+    # Eq. 5's new signs become the point's cache (the cache's shape and layout: a backward's gradient normally
+    # has the activation's); otherwise they are copied into the signs the forward read, as the aten path does.
+    if state.signs is not None and new.shape == state.signs.shape and new.is_contiguous(memory_format=state.layout):
+        state.signs = new
+        state.flat = (new if state.layout == torch.contiguous_format else new.permute(0, 2, 3, 1)).view(-1)
+    else:
+        old.copy_(new)
 
 
 # ---- The handle ------------------------------------------------------------------------------------
@@ -387,8 +420,8 @@ def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, directi
 class Handle:
     """What `attach` returns: the points, their cache, and the switches of the method."""
 
-    def __init__(self, model, named_modules, eps, scale, direction):
-        self.eps, self.scale, self.direction = eps, scale, direction
+    def __init__(self, model, named_modules, eps, scale, direction, kernels):
+        self.eps, self.scale, self.direction, self.kernels = eps, scale, direction, kernels
         self.points = [n for n, _ in named_modules]
         self._grad_scale = None  # see the grad_scale property
         self._loss_scale = None  # grad_scale as a 0-dim fp32 tensor on the cache's device (1 without a scaler)

@@ -44,8 +44,8 @@ from lwat.rundir import (  # noqa: F401  (host_info: re-exported for scripts)
 from lwat.train import TrainingError, train
 
 REPORT = "REPORT.md"
-# where and how a run ran, not what it computed (compile and channels_last change speed, not the math)
-IGNORED_IN_KEY = ("device", "download", "data_dir", "compile", "channels_last")
+# where and how a run ran, not what it computed (compile, channels_last and kernels change speed, not the math)
+IGNORED_IN_KEY = ("device", "download", "data_dir", "compile", "channels_last", "kernels")
 BUSY_SECONDS = 600  # an unfinished run not started by lwat reproduce, written this recently, may be training now
 
 

@@ -58,7 +58,8 @@ def build(cfg: TrainConfig, num_classes: int, image_shape: tuple[int, int, int])
     model = build_model(cfg.model, num_classes, **options)
     handle = None
     if method.layerwise:
-        handle = lwat.attach(model, cfg.eps, scale=cfg.scale, depth=cfg.depth, direction=method.direction)
+        handle = lwat.attach(model, cfg.eps, scale=cfg.scale, depth=cfg.depth, direction=method.direction,
+                             kernels=cfg.kernels)
     return model, handle
 
 

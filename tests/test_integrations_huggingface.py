@@ -68,7 +68,8 @@ class Recorder(TrainerCallback):
             self.steps.append({"inputs": {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()},
                                "weights": copy.deepcopy(module.state_dict()),
                                "before": clone_cache(self.lat.handle.state_dict()),
-                               "loss_scale": self.scaler.get_scale() if self.scaler is not None else 1.0})
+                               "loss_scale": self.scaler.get_scale() if self.scaler is not None else 1.0,
+                               "kernels": self.lat.handle.kernels})
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.scaler = getattr(optimizer, "scaler", None)
@@ -193,10 +194,11 @@ def test_fp16_under_deepspeed_is_refused():
     assert lat.handle is None
 
 
-def test_points_by_class_pass_through(tmp_path):
+def test_points_by_class_and_kernels_pass_through(tmp_path):
     model = bert()
-    lat = LayerwiseAdversarialCallback(EPS, points=nn.LayerNorm)
+    lat = LayerwiseAdversarialCallback(EPS, points=nn.LayerNorm, kernels="compiled")
     record = Recorder(lat, model)
     trainer(tmp_path, model, [lat, record], max_steps=2, save_strategy="no").train()
     assert sorted(record.steps[-1]["after"]) == sorted(LAYERNORMS)
+    assert [s["kernels"] for s in record.steps] == ["compiled", "compiled"]
     check_steps(record.steps, LAYERNORMS)

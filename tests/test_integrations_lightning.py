@@ -63,7 +63,8 @@ class Recorder(L.Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.batches.append({"batch": [t.clone() for t in batch], "weights": copy.deepcopy(pl_module.state_dict()),
                              "before": clone_cache(self.lat.handle.state_dict()),
-                             "loss_scale": scaler.get_scale() if scaler is not None else 1.0})
+                             "loss_scale": scaler.get_scale() if scaler is not None else 1.0,
+                             "kernels": self.lat.handle.kernels})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.batches[-1]["after"] = clone_cache(self.lat.handle.state_dict())
@@ -188,9 +189,10 @@ def test_a_fit_that_raises_leaves_the_plain_model_and_its_last_cache():
     assert_same_cache(lat.state_dict()["ranks"][0], record.batches[1]["after"])
 
 
-def test_points_by_class_pass_through():
-    lat = LayerwiseAdversarialTraining(EPS, points=nn.LayerNorm)
+def test_points_by_class_and_kernels_pass_through():
+    lat = LayerwiseAdversarialTraining(EPS, points=nn.LayerNorm, kernels="compiled")
     record = Recorder(lat)
     trainer([lat, record], max_steps=2).fit(Net(), loader())
     assert sorted(record.batches[-1]["after"]) == LAYERNORMS
+    assert [b["kernels"] for b in record.batches] == ["compiled", "compiled"]
     check_batches(record.batches, LAYERNORMS)

@@ -124,13 +124,14 @@ def lwat_run(model, data, eps, scale, lr=0.1, **kw):
     return model, handle, [sgd_step(model, opt, x, y) for x, y in data]
 
 
+@pytest.mark.parametrize("kernels", ["aten", "compiled"])
 @pytest.mark.parametrize("scale,eps", [("range", 10.0), ("fixed", 0.3)])
 @pytest.mark.parametrize("make,shape", [(conv_bn_net, (8, 3, 8, 8)), (tanh_mlp, (8, 12))])
-def test_algorithm1_matches_hand_written_reference(make, shape, scale, eps, device):
+def test_algorithm1_matches_hand_written_reference(make, shape, scale, eps, kernels, device):
     torch.manual_seed(0)
     net = make().to(device)
     data = batches(4, shape, device=device)
-    model, handle, outs = lwat_run(net, data, eps, scale)
+    model, handle, outs = lwat_run(net, data, eps, scale, kernels=kernels)
     ref_outs, ref_r, ref_eps = reference_run(net, handle.points, data, eps, scale)
     assert torch.equal(outs[0], net(data[0][0]).detach())  # first batch: the plain model's output
     for o, ro in zip(outs, ref_outs):
@@ -336,6 +337,7 @@ def test_layer_norm_points_match_the_reference(device):
     (dict(eps=1.0, depth=1.5), "depth must be in 1..3"),
     (dict(eps=1.0, depth=4), "depth must be in 1..3"),
     (dict(eps=1.0, direction="up"), "unknown direction"),
+    (dict(eps=1.0, kernels="fast"), "unknown kernels 'fast'; known: aten, compiled"),
     (dict(eps=1.0, points=nn.LayerNorm), "no perturbation point found in Nested: points=LayerNorm matches no module"),
     (dict(eps=1.0, points=lambda n, m: False), "points=the callable <lambda> matches no module"),
     (dict(eps=1.0, points="stem"), "points must be a non-empty list of module names"),
@@ -371,17 +373,71 @@ def test_caches_are_per_instance_and_signs_are_int8(device):
     assert not any(name.startswith("_lwat") for name, _ in a.named_buffers())
 
 
-def test_channels_last_cache_and_output(device):
+@pytest.mark.parametrize("kernels", ["aten", "compiled"])
+def test_channels_last_cache_and_output(kernels, device):
     torch.manual_seed(0)
     net = conv_bn_net().to(device)
     data = batches(3, (8, 3, 8, 8), device=device)
     m1, h1, outs1 = lwat_run(net, data, 10.0, "range")
     m2, h2, outs2 = lwat_run(net.to(memory_format=torch.channels_last),
-                             [(x.to(memory_format=torch.channels_last), y) for x, y in data], 10.0, "range")
+                             [(x.to(memory_format=torch.channels_last), y) for x, y in data], 10.0, "range",
+                             kernels=kernels)
     signs = h2.state_dict()["1"]["signs"]
     assert signs.is_contiguous(memory_format=torch.channels_last) and not signs.is_contiguous()
     for o1, o2 in zip(outs1, outs2):
         torch.testing.assert_close(o1, o2, rtol=1e-4, atol=1e-5)
+    for p in h1.points:
+        assert torch.equal(h1.state_dict()[p]["signs"], h2.state_dict()[p]["signs"])
+
+
+def test_compiled_kernels_equal_aten_under_bf16_autocast(device):
+    """In bf16 the compiled Eq. 6 rounds as aten's addcmul_ does (eps_l in bf16, the sum in fp32, rounded once)."""
+    torch.manual_seed(0)
+    net = conv_bn_net().to(device)
+    runs = []
+    for kernels in ("aten", "compiled"):
+        model = copy.deepcopy(net)
+        handle = lwat.attach(model, 10.0, kernels=kernels)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in batches(3, (8, 3, 8, 8), device=device):
+            opt.zero_grad()
+            with torch.autocast(torch.device(device).type, torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+        runs.append((model, handle.state_dict()))
+    (m1, c1), (m2, c2) = runs
+    assert all(torch.equal(c1[p]["signs"], c2[p]["signs"]) and torch.equal(c1[p]["scale"], c2[p]["scale"]) for p in c1)
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+def test_compiled_kernels_are_used_and_equal_aten_when_the_gradient_has_another_layout(monkeypatch, device):
+    """kernels="compiled" runs Eq. 6 and Eq. 5 through lwat/_compile.py's kernels at every point and step, and
+    computes exactly what the aten kernels compute, also where a channels-last activation gets a gradient in the
+    default layout (a flatten after it), so the new signs cannot simply become the cache."""
+    from lwat import _compile
+    calls = {"eq6_kernel": 0, "eq5_kernel": 0}
+    for name in calls:
+        def counted(*args, _name=name, _kernel=getattr(_compile, name)):
+            calls[_name] += 1
+            return _kernel(*args)
+        monkeypatch.setattr(_compile, name, counted)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.ReLU(),
+                        nn.Linear(4 * 6 * 6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
+    net = net.to(device, memory_format=torch.channels_last)
+    data = [(x.to(memory_format=torch.channels_last), y) for x, y in batches(3, (8, 3, 6, 6), device=device)]
+    m1, h1, outs1 = lwat_run(net, data, 10.0, "range")
+    m2, h2, outs2 = lwat_run(net, data, 10.0, "range", kernels="compiled")
+    assert calls == {"eq6_kernel": 3 * 2, "eq5_kernel": 3 * 2}  # 3 steps, 2 points
+    assert h2.state_dict()["1"]["signs"].is_contiguous(memory_format=torch.channels_last)
+    for o1, o2 in zip(outs1, outs2):
+        assert torch.equal(o1, o2)
+    for p in h1.points:
+        assert torch.equal(h1.state_dict()[p]["signs"], h2.state_dict()[p]["signs"])
+        assert torch.equal(h1.state_dict()[p]["scale"], h2.state_dict()[p]["scale"])
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_random_direction_has_same_scale(device):

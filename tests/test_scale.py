@@ -40,6 +40,18 @@ def test_amp_config_and_flags():
     assert TrainConfig().amp == "off" and TrainConfig().compile is False
 
 
+def test_kernels_config_reaches_the_handle_and_not_the_run_key():
+    from lwat.reproduce import run_key
+    from lwat.train import build
+    with pytest.raises(ConfigError, match="kernels: unknown value 'fast'; known: aten, compiled"):
+        TrainConfig(kernels="fast")
+    args = make_parser().parse_args(["train", "--kernels", "compiled"])
+    assert args.kernels == "compiled" and TrainConfig().kernels == "aten"
+    cfg = TrainConfig(model="resnet20", width=0.25, kernels="compiled")
+    assert build(cfg, 10, (3, 32, 32))[1].kernels == "compiled"
+    assert run_key(cfg) == run_key(cfg.replace(kernels="aten"))  # speed, not the math: the same run
+
+
 def test_bf16_autocast_runs_forward_in_bf16_and_caches_int8(device):
     torch.manual_seed(0)
     model = net().to(device)
@@ -81,11 +93,12 @@ def test_grad_scaler_leaves_eps_l_signs_and_gradients_unchanged(method, device):
         torch.testing.assert_close(g1, g2)
 
 
-def test_skipped_fp16_step_keeps_the_cache(device):
+@pytest.mark.parametrize("kernels", ["aten", "compiled"])
+def test_skipped_fp16_step_keeps_the_cache(kernels, device):
     """An fp16 backward that overflows (the scaler skips the step) leaves the previous signs and eps_l."""
     torch.manual_seed(0)
     model = net().to(device)
-    handle = lwat.attach(model, 10.0)
+    handle = lwat.attach(model, 10.0, kernels=kernels)
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run = make_passes(model, handle, amp="fp16", device_type=device.type, scaler=scaler)
@@ -222,10 +235,13 @@ def test_benchmark_row_against_hand_counts(device, monkeypatch):
 
 def test_eager_kernels_benchmark_races_the_method(monkeypatch):
     """benchmarks/eager_kernels.py's minimal hook version computes what lat computes (same gradients on the second
-    step, the first one perturbed), so the race compares equal work; the baseline's differ, its A/A copy's do not."""
+    step, the first one perturbed), also with Eq. 6 unrecorded (no_grad), so the race compares equal work; the
+    baseline's differ, its A/A copy's do not."""
     bench = benchmark("eager_kernels", monkeypatch)
     torch.manual_seed(0)
     models = bench.contenders(build_model("resnet20", 10, width=0.25), eps=10.0, compiled=False)
+    models["unrecorded"] = bench.hooked(copy.deepcopy(models["baseline"]), 10.0, bench.aten_eq6, bench.aten_eq5,
+                                        recorded=False)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     grads = {}
     for name, model in models.items():
@@ -233,8 +249,9 @@ def test_eager_kernels_benchmark_races_the_method(monkeypatch):
             model.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x), y).backward()
         grads[name] = [p.grad for p in model.parameters()]
-    for a, b in zip(grads["lat"], grads["hooks: aten"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for other in ("hooks: aten", "unrecorded"):
+        for a, b in zip(grads["lat"], grads[other]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert any(not torch.allclose(a, b) for a, b in zip(grads["lat"], grads["baseline"]))
     for a, b in zip(grads["baseline again"], grads["baseline"]):  # the A/A pair does the same work
         torch.testing.assert_close(a, b, rtol=0, atol=0)

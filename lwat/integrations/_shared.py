@@ -18,9 +18,9 @@ class Attachment:
     with its own previous batch, so each keeps (and resumes) its own cache.
     """
 
-    def __init__(self, eps, *, scale: str, points, depth: int | None, module: str | None):
+    def __init__(self, eps, *, scale: str, points, depth: int | None, kernels: str, module: str | None):
         self.eps, self.module = eps, module
-        self.options = dict(scale=scale, points=points, depth=depth)  # passed to lwat.attach unchanged
+        self.options = dict(scale=scale, points=points, depth=depth, kernels=kernels)  # to lwat.attach unchanged
         self.handle: lwat.Handle | None = None  # while training
         self.last: dict | None = None  # the cache when training ended: a checkpoint written after it holds this
         self.device = torch.device("cpu")  # where a restored cache goes: the attached module's

@@ -20,7 +20,7 @@ class LayerwiseAdversarialCallback(TrainerCallback):
     """Attaches lwat to the Trainer's model at train begin and keeps its cache in the Trainer's checkpoints.
 
     Args:
-        eps, scale, points, depth: as for `lwat.attach`, passed unchanged; point names are those inside the
+        eps, scale, points, depth, kernels: as for `lwat.attach`, passed unchanged; point names are those inside the
             attached module.
         module: attach to this submodule of the model (dotted name, e.g. "bert"), not to the whole model.
 
@@ -38,8 +38,8 @@ class LayerwiseAdversarialCallback(TrainerCallback):
     """
 
     def __init__(self, eps, *, scale: str = "range", points=None, depth: int | None = None,
-                 module: str | None = None):
-        self._lwat = Attachment(eps, scale=scale, points=points, depth=depth, module=module)
+                 kernels: str = "aten", module: str | None = None):
+        self._lwat = Attachment(eps, scale=scale, points=points, depth=depth, kernels=kernels, module=module)
         self._scaler = None  # the prepared optimizer's GradScaler (fp16), else None
 
     @property

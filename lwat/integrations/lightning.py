@@ -12,7 +12,7 @@ class LayerwiseAdversarialTraining(Callback):
     """Attaches lwat to the LightningModule when fitting starts and keeps its cache in Lightning's checkpoints.
 
     Args:
-        eps, scale, points, depth: as for `lwat.attach`, passed unchanged; point names are those inside the
+        eps, scale, points, depth, kernels: as for `lwat.attach`, passed unchanged; point names are those inside the
             attached module.
         module: attach to this submodule of the LightningModule (its attribute name, dotted for a nested one,
             e.g. "model"), not to the whole LightningModule.
@@ -28,8 +28,8 @@ class LayerwiseAdversarialTraining(Callback):
     """
 
     def __init__(self, eps, *, scale: str = "range", points=None, depth: int | None = None,
-                 module: str | None = None):
-        self._lwat = Attachment(eps, scale=scale, points=points, depth=depth, module=module)
+                 kernels: str = "aten", module: str | None = None):
+        self._lwat = Attachment(eps, scale=scale, points=points, depth=depth, kernels=kernels, module=module)
         self._rank, self._world_size = 0, 1
         self._scaler = None  # the precision plugin's GradScaler ("16-mixed"), else None
         self._to_restore = None  # a checkpoint's state, loaded by Lightning before on_fit_start
