@@ -1,6 +1,7 @@
 """Benchmark: training-step time of baseline, lat and fgsm side by side, eager or compiled, fp32 or bf16.
 
-For each model, batch size, mode (eager / torch.compile) and precision (--amp off / bf16 / fp16), three
+For each model, batch size, mode (eager; eager with lat's compiled kernels, `attach(kernels="compiled")`;
+torch.compile) and precision (--amp off / bf16 / fp16), three
 models with the same weights (baseline, lat = lwat.attach, fgsm), the data loader and a second copy of the
 baseline take turns, step for step, in one process, in an order that rotates each round (benchmarks/race.py), so
 drift in machine speed hits all alike. Each step is the trainer's own: the method's
@@ -22,6 +23,7 @@ step: floor = 1 + bytes / bandwidth / fastest baseline step.
     python benchmarks/step_overhead.py --device cuda --batch-size 128 512 --steps 50
     python benchmarks/step_overhead.py --models resnet20 --modes eager --amp off --steps 5   # a quick check
     python benchmarks/step_overhead.py --compile-backend aot_eager    # compiled without inductor's C++ build
+    python benchmarks/step_overhead.py --modes eager eager-kernels --amp off   # lat's two eager kernel choices
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from lwat.train import make_passes
 from race import race
 
 METHODS = ("baseline", "lat", "fgsm")
+MODES = {"eager": "eager", "eager-kernels": "eager, kernels=compiled", "compiled": "compiled ({backend})"}
 CIFAR_TRAIN = 50_000  # images in a CIFAR-10 training epoch
 
 
@@ -77,7 +80,7 @@ def peak_memory(step, device):
 def make_step(name, model, x, y, cfg, device, amp, backend):
     """One training step of method `name` as lwat.train runs it: the method's passes, then the optimizer."""
     method = get_method(name)
-    handle = lwat.attach(model, cfg.eps) if method.layerwise else None
+    handle = lwat.attach(model, cfg.eps, kernels=cfg.kernels) if method.layerwise else None
     if cfg.compile:
         model.compile(backend=backend)  # in place, after attach, as the trainer does
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
@@ -106,13 +109,13 @@ def copy_bandwidth(elements, device, repeats=5):
     return 2 * src.nbytes / best
 
 
-def bench(name, width, batch, device, steps, warmup, compile_, amp, eps, channels_last, backend):
+def bench(name, width, batch, device, steps, warmup, mode, amp, eps, channels_last, backend):
     torch._dynamo.reset()  # each row compiles afresh (and stays under dynamo's recompile limit)
     torch.manual_seed(0)
     options = {"width": width} if width != 1.0 else {}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     base = build_model(name, 10, **options).to(device, memory_format=fmt)
-    cfg = TrainConfig(eps=eps, compile=compile_)
+    cfg = TrainConfig(eps=eps, compile=mode == "compiled", kernels="compiled" if mode == "eager-kernels" else "aten")
     x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     runs, handles = {}, {}
@@ -136,7 +139,7 @@ def bench(name, width, batch, device, steps, warmup, compile_, amp, eps, channel
     epoch_steps = CIFAR_TRAIN // batch
     return {
         "model": name + (f" (width {width})" if width != 1.0 else ""), "batch": batch,
-        "mode": f"compiled ({backend})" if compile_ else "eager", "amp": amp,
+        "mode": MODES[mode].format(backend=backend), "amp": amp,
         **{f"{m} ms": ms[m] for m in METHODS},
         **{f"{m} img/s": 1e3 * batch / ms[m] for m in METHODS},
         "lat/baseline": ms["lat"] / ms["baseline"], "lat/baseline (min)": best["lat"] / best["baseline"],
@@ -157,7 +160,8 @@ def main():
     parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed steps first (compilation: step 1 makes lat's sinks, step 2 compiles whole)")
-    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=list(MODES),
+                        help="eager; eager-kernels: eager with attach(kernels='compiled'); compiled: torch.compile")
     parser.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=AMPS, help="precisions to compare")
     parser.add_argument("--eps", type=float, default=10.0, help="range-scaled eps (the cost does not depend on it)")
     parser.add_argument("--channels-last", action="store_true")
@@ -171,7 +175,7 @@ def main():
             for mode in args.modes:
                 for amp in args.amp:
                     width = args.vgg_width if name.startswith("vgg") else 1.0
-                    rows.append(bench(name, width, batch, device, args.steps, args.warmup, mode == "compiled",
+                    rows.append(bench(name, width, batch, device, args.steps, args.warmup, mode,
                                       amp, args.eps, args.channels_last, args.compile_backend))
                     print_table(rows[-1:], header=len(rows) == 1)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
