@@ -20,7 +20,10 @@ do not; a compiled submodule of the attached module; a module that cannot run on
 is warned about) makes it with perturb.py's `_fit_cache`, a graph break at that point: correct, slower to
 compile.
 
-Torch APIs used: public ones (torch.compiler.is_compiling, torch.compiler.disable,
+The end of the file holds the two kernels of `attach(kernels="compiled")`: Eq. 6 and Eq. 5 compiled for an
+eager model.
+
+Torch APIs used: public ones (torch.compile, torch.compiler.is_compiling, torch.compiler.disable,
 torch.func.functional_call, the meta device) and one private module, `torch.utils._pytree` (tree_leaves,
 tree_map: the tensors inside nested inputs). Tested on torch 2.13.0.
 
@@ -99,20 +102,36 @@ def _size_cache(handle, module, args, kwargs, shapes) -> None:
 
 # ---- Eager mode with attach(kernels="compiled"): Eq. 6 and Eq. 5 as one compiled pass each ------------------
 # In eager mode Eq. 6 and Eq. 5 are aten kernels (perturb.py): two passes over memory each, with an fp32
-# temporary. These two compile (on first use, once per tensor rank; dynamic sizes) into one pass each. Called
-# unrecorded: a compiled function that updates a tensor requiring grad under autograd runs as a compiled
-# autograd.Function that copies the result back, slower than the aten kernels (benchmarks/eager_kernels.py).
-# Eq. 5's signs come back as a new tensor, which the point keeps: writing them into the old cache from inside
-# a compiled function costs a pass of its own (benchmarks/point_kernels.py). Under torch.compile of the model,
-# perturb.py uses its aten code, which inductor fuses into the model's own kernels.
+# temporary. These compile into one pass each. They take dense 1-D views (perturb.py flattens in the cache's
+# layout) and run with autocast off, so one compiled graph serves every point, batch size and layout: dynamo
+# compiles again only for another dtype, device or surrounding autocast dtype (at its recompile limit it runs the
+# Python below uncompiled: the same numbers, slower). Called unrecorded: a compiled function that updates a tensor
+# requiring grad under autograd runs as a compiled autograd.Function that copies the result back, slower than
+# the aten kernels (benchmarks/eager_kernels.py). Eq. 5's signs come back as a new tensor, which the point keeps:
+# writing them into the old cache from inside a compiled function costs a pass of its own
+# (benchmarks/point_kernels.py). Under torch.compile of the model, perturb.py uses its aten code, which inductor
+# fuses into the model's own kernels.
 
-@torch.compile(dynamic=True, fullgraph=True)
-def eq6_kernel(out: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor) -> None:
-    # As aten's addcmul_ computes it: the sum in fp32, rounded once (the caller gives eps_l in the activation's
-    # dtype, as aten's type promotion rounds it; a cast inside would be elided by inductor).
-    out.copy_(out.float() + signs.float() * scale.float())
+@torch.compile(dynamic=True)
+def _eq6_kernel(out: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor) -> None:
+    # As aten's addcmul_ computes it: the sum in fp32 (fp64 for fp64), rounded once; the caller gives eps_l in
+    # the activation's dtype, as aten's type promotion rounds it (a cast in here would be elided by inductor).
+    acc = torch.promote_types(out.dtype, torch.float32)
+    out.copy_(out.to(acc) + signs.to(acc) * scale.to(acc))
 
 
-@torch.compile(dynamic=True, fullgraph=True)
-def eq5_kernel(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.compile(dynamic=True)
+def _eq5_kernel(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.sign(g).to(torch.int8), g.amin(), g.amax()
+
+
+def eq6(out: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor) -> None:
+    """out += signs * scale in place (1-D, dense; scale 0-dim in out's dtype), unrecorded, one compiled pass."""
+    with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
+        _eq6_kernel(out, signs, scale)
+
+
+def eq5(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int8 sign(g), min(g), max(g)) of a dense 1-D g, in one compiled pass."""
+    with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
+        return _eq5_kernel(g)

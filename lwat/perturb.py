@@ -15,7 +15,8 @@ How it is built, and why (each choice keeps torch.compile correct and the step c
   parameters, buffers and `state_dict()` keys stay exactly those of the plain model.
 - The cache is one int8 buffer per point (r_l, 1 byte per activation element, in the activation's
   memory format) and one 0-dim fp32 eps_l, made by the first training pass of each activation
-  shape and then overwritten in place. They are plain attributes of the module instance, not
+  shape and then overwritten in place (with `kernels="compiled"`, the signs are a new tensor each
+  backward, in the same layout). They are plain attributes of the module instance, not
   parameters or buffers: DDP neither broadcasts nor averages them, so each rank perturbs with its
   own previous batch, as in the paper. Until the first backward, eps_l = 0: nothing is added.
 - Eq. 6 is one in-place multiply-add on the point's output (a copy where the module's own backward
@@ -39,7 +40,8 @@ Rules worth knowing (tested in tests/test_perturb.py and tests/test_perturb_sema
   made to need one in eager mode, so Eq. 5 still gets dJ/da there (under torch.compile it gets none
   and is never perturbed).
 - Several passes per step: each train-mode pass is perturbed with the cache as it is when the pass
-  runs, and each backward overwrites it. Gradient accumulation (forward, backward per micro-batch)
+  runs, and each backward overwrites it; a backward whose forward ran before the cache was made
+  afresh (`reset()`, `load_state_dict()`, another activation shape) leaves the new cache alone. Gradient accumulation (forward, backward per micro-batch)
   therefore perturbs micro-batch k with the signs of micro-batch k-1, the previous step's last
   micro-batch for the first one. Passes inside `handle.paused()` neither perturb nor refresh.
 - Activation checkpointing (torch.utils.checkpoint, reentrant or not): outputs, gradients and the
@@ -101,10 +103,11 @@ def attach(
         depth: perturb only the first `depth` points (in `named_modules()` order), paper Table 6.
         direction: "gradient" (the method) or "random" (random signs with the same eps_l).
         kernels: how eager mode computes Eq. 6 and Eq. 5: "aten" (default: torch's own ops, two passes over
-            memory each) or "compiled" (one torch.compile'd pass each, compiled on the first training steps,
-            a few seconds; needs what torch.compile needs, a C++ compiler on the CPU). Same results either
-            way (fp32 exactly); README "Cost" measures the speed. Under torch.compile of the model it changes
-            nothing: the compiled step fuses the method into its own kernels.
+            memory each) or "compiled" (one torch.compile'd pass each; compiled on the first training step,
+            a few seconds, and again for another dtype; needs what torch.compile needs, a C++ compiler on
+            the CPU). The same numbers bit for bit (tested in fp32, fp64 and under bf16 autocast); README
+            "Cost" measures the speed. Under torch.compile of the model it changes nothing: the compiled
+            step fuses the method into its own kernels.
 
     Returns:
         A `Handle`: `.points`, `.state_dict()`, `.load_state_dict()`, `.paused()`, `.detach()`.
@@ -196,6 +199,7 @@ class _State:
     scale: torch.Tensor | None = None  # 0-dim fp32 eps_l; 0 until the first backward
     layout: torch.memory_format = torch.contiguous_format  # of signs (that of the activation)
     reshaped: int = 0  # times a new activation shape (other than the batch size) replaced the cache
+    made: int = 0  # caches made for this point (new shape, load_state_dict, ...): Eq. 5 replacing it does not count
 
 
 _RESHAPED_WARN = 10  # warn once, at this many shape changes (each one costs the point one unperturbed batch)
@@ -244,9 +248,10 @@ class _Point(nn.Module):
         compiling = _compile.is_compiling()  # then the graph gets the flat cache, and no Python state
         if handle.perturb:
             rows = state.signs if full else state.signs[:n]  # a smaller batch uses the first n rows
-            if in_place and handle.kernels == "compiled" and not compiling:
-                with torch.no_grad():  # unrecorded: Eq. 6's derivative is 1 (see the kernels in lwat/_compile.py)
-                    _compile.eq6_kernel(out, rows, state.scale.to(out.dtype))  # Eq. 6
+            if (handle.kernels == "compiled" and in_place and not compiling
+                    and out.is_contiguous(memory_format=state.layout)):  # one compiled pass (lwat/_compile.py)
+                _compile.eq6(_flat(out, state.layout), state.flat[:out.numel()].detach(),
+                             state.scale.to(out.dtype))  # Eq. 6
             else:
                 if out.device.type == "cpu":  # see Kernels above
                     rows = rows.to(out.dtype)
@@ -254,8 +259,8 @@ class _Point(nn.Module):
         if capture and full:  # smaller batches never refresh the cache
             if frozen:
                 out = out.requires_grad_().clone()  # Eq. 5 marks its input dirty, which a leaf cannot be
-            out = _Eq5.apply(out if in_place or handle.perturb else out.clone(), state.flat if compiling
-                             else state.signs, state.scale, handle._loss_scale, handle.eps, handle.scale,
+            out = _Eq5.apply(out if in_place or handle.perturb else out.clone(), state.flat if compiling else None,
+                             state.scale if compiling else None, handle._loss_scale, handle.eps, handle.scale,
                              handle.direction, state.layout, None if compiling else state,
                              compiling and _compile.may_overflow(handle, out))
         return out
@@ -308,6 +313,7 @@ def _new_cache(state: _State, shape: torch.Size, layout: torch.memory_format, de
                           stacklevel=2)
     state.flat = torch.zeros(shape.numel(), dtype=torch.int8, device=device)
     state.signs, state.layout = _unflatten(state.flat, shape, layout), layout
+    state.made += 1
     state.scale = torch.zeros((), device=device)
     state.handle._make_loss_scale(device)
 
@@ -325,6 +331,12 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last and not t.is_contiguous() else torch.contiguous_format
 
 
+def _flat(t: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    # A tensor dense in `layout` as one 1-D tensor on its memory, in memory order (the inverse of _unflatten).
+    # Detached: not a view, so a compiled kernel given it guards on its length only, not on the view's base.
+    return (t.permute(0, 2, 3, 1) if layout == torch.channels_last else t).view(-1).detach()
+
+
 def _unflatten(flat: torch.Tensor, shape: torch.Size, layout: torch.memory_format) -> torch.Tensor:
     if layout == torch.channels_last:
         n, c, h, w = shape
@@ -335,14 +347,16 @@ def _unflatten(flat: torch.Tensor, shape: torch.Size, layout: torch.memory_forma
 # ---- Eq. 5: the backward pass of a point ------------------------------------------------------------
 
 class _Eq5(torch.autograd.Function):
-    """Identity in forward; in backward, dJ/da -> the point's cache (r_l and eps_l), in place."""
+    """Identity in forward; in backward, dJ/da -> the point's cache (r_l and eps_l)."""
 
     @staticmethod
     def forward(ctx, out, signs, scale, loss_scale, eps, scale_kind, direction, layout, state, may_overflow):
-        # Compiled (state None), the signs come as the flat 1-D cache: under inductor, a 4-D input mutated in
-        # the backward may be layout-converted in the forward and the mutation lost (torch 2.13; see _compile).
-        # Eager, they come activation-shaped (no view to make per backward), with the point's _State.
+        # Compiled (state None), the cache comes as tensors, the signs as the flat 1-D cache: under inductor, a 4-D
+        # input mutated in the backward may be layout-converted in the forward and the mutation lost (torch 2.13;
+        # see _compile). Eager, the point's _State comes instead (signs and scale None): the backward writes the
+        # cache the point holds then, which kernels="compiled" replaces with a new tensor each backward.
         ctx.cache = signs, scale, loss_scale, eps, scale_kind, direction, layout, state, may_overflow
+        ctx.made = None if state is None else state.made
         ctx.mark_dirty(out)  # identity without a view: later in-place ops on the output stay legal
         return out
 
@@ -356,22 +370,30 @@ class _Eq5(torch.autograd.Function):
             # overflow where one may happen (see _compile.may_overflow).
             grad_scale, guard = loss_scale, may_overflow
             signs = _unflatten(signs, g.shape, layout)
-        else:  # eager: the loss scale set for this backward, None without a GradScaler
-            grad_scale = state.handle.grad_scale
+        else:
+            if state.made != ctx.made or state.signs is None:
+                # Another cache was made since this forward (reset, load_state_dict, a new shape): this gradient's
+                # signs belong to none (the eager code wrote them into the replaced cache, read by nothing).
+                return g, None, None, None, None, None, None, None, None, None
+            signs, scale = state.signs, state.scale
+            grad_scale = state.handle.grad_scale  # the loss scale set for this backward, None without a GradScaler
             guard = grad_scale is not None
-            fused = state.handle.kernels == "compiled" and direction == "gradient"
+            fused = (state.handle.kernels == "compiled" and direction == "gradient"
+                     and g.is_contiguous(memory_format=_layout(g)))
         with torch.no_grad():
             new_signs = _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction, fused)
         if fused:
-            _keep(state, new_signs, signs)
+            _keep(state, new_signs)
         return g, None, None, None, None, None, None, None, None, None
 
 
 def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction, fused=False):
     # Eq. 5, with g = dJ/da at this point: r_l = sign(g) and eps_l, written over the cache in place; `fused`
-    # (eager, kernels="compiled"): one compiled pass makes new signs, returned for the point to keep.
+    # (eager, kernels="compiled"; g dense): one compiled pass makes new signs, returned for the point to keep.
     if fused:
-        new_signs, lo, hi = _compile.eq5_kernel(g)
+        layout = _layout(g)
+        flat, lo, hi = _compile.eq5(_flat(g, layout))
+        new_signs = _unflatten(flat, g.shape, layout)
     else:
         if _compile.is_compiling() and g.dim() > 2:
             # Per channel first: the same loops as a BatchNorm's own backward reductions, so inductor fuses them
@@ -405,14 +427,13 @@ def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, directi
     return None
 
 
-def _keep(state: _State, new: torch.Tensor, old: torch.Tensor) -> None:
-    # Eq. 5's new signs become the point's cache (the cache's shape and layout: a backward's gradient normally
-    # has the activation's); otherwise they are copied into the signs the forward read, as the aten path does.
-    if state.signs is not None and new.shape == state.signs.shape and new.is_contiguous(memory_format=state.layout):
-        state.signs = new
-        state.flat = (new if state.layout == torch.contiguous_format else new.permute(0, 2, 3, 1)).view(-1)
+def _keep(state: _State, new: torch.Tensor) -> None:
+    # kernels="compiled": Eq. 5's new signs become the point's cache when in its layout (a gradient normally has
+    # the activation's), else they are copied into it.
+    if new.is_contiguous(memory_format=state.layout):
+        state.signs, state.flat = new, _flat(new, state.layout)
     else:
-        old.copy_(new)
+        state.signs.copy_(new)
 
 
 # ---- The handle ------------------------------------------------------------------------------------

@@ -390,10 +390,14 @@ def test_channels_last_cache_and_output(kernels, device):
         assert torch.equal(h1.state_dict()[p]["signs"], h2.state_dict()[p]["signs"])
 
 
-def test_compiled_kernels_equal_aten_under_bf16_autocast(device):
-    """In bf16 the compiled Eq. 6 rounds as aten's addcmul_ does (eps_l in bf16, the sum in fp32, rounded once)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_compiled_kernels_equal_aten_in_bf16_and_fp64(dtype, device):
+    """The compiled Eq. 6 rounds as aten's addcmul_ does: under bf16 autocast eps_l in bf16, the sum in fp32,
+    rounded once; in fp64 the sum in fp64."""
     torch.manual_seed(0)
     net = conv_bn_net().to(device)
+    if dtype == torch.float64:
+        net = net.double()
     runs = []
     for kernels in ("aten", "compiled"):
         model = copy.deepcopy(net)
@@ -401,8 +405,8 @@ def test_compiled_kernels_equal_aten_under_bf16_autocast(device):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for x, y in batches(3, (8, 3, 8, 8), device=device):
             opt.zero_grad()
-            with torch.autocast(torch.device(device).type, torch.bfloat16):
-                loss = F.cross_entropy(model(x), y)
+            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss = F.cross_entropy(model(x.to(next(model.parameters()).dtype)), y)
             loss.backward()
             opt.step()
         runs.append((model, handle.state_dict()))
@@ -411,12 +415,61 @@ def test_compiled_kernels_equal_aten_under_bf16_autocast(device):
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
 
 
+def test_compiled_kernels_compile_once_per_dtype():
+    """One compiled graph per kernel serves 4-D and 2-D points, every batch size and both layouts (each kernel
+    gets 1-D tensors that are not views), so a run never nears dynamo's recompile limit."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 8 * 8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
+    lwat.attach(net, 10.0, kernels="compiled")
+    for n, layout in ((8, torch.contiguous_format), (8, torch.contiguous_format), (3, torch.contiguous_format),
+                      (16, torch.channels_last), (16, torch.channels_last)):
+        x = torch.randn(n, 3, 8, 8).contiguous(memory_format=layout)
+        F.cross_entropy(net(x), torch.randint(0, 5, (n,))).backward()
+    assert counters["stats"]["unique_graphs"] == 2  # Eq. 6 and Eq. 5
+
+
+def test_compiled_kernels_cache_semantics_equal_aten(device):
+    """With kernels="compiled" Eq. 5 replaces the cache tensor; what the cache holds is still what the aten path
+    leaves: a cache loaded between a forward and its backward stays (that backward leaves it alone), two
+    forwards before their backwards leave the later one's signs, and a graph kept alive after its backward (the
+    `loss` of the last step) does not keep a replaced cache alive."""
+    import weakref
+    torch.manual_seed(0)
+    net = conv_bn_net().to(device)
+    data = batches(4, (8, 3, 8, 8), device=device)
+    caches = {}
+    for kernels in ("aten", "compiled"):
+        model = copy.deepcopy(net)
+        handle = lwat.attach(model, 10.0, kernels=kernels)
+        F.cross_entropy(model(data[0][0]), data[0][1]).backward()
+        saved = handle.state_dict()
+        loss = F.cross_entropy(model(data[1][0]), data[1][1])
+        handle.load_state_dict(saved)
+        loss.backward()
+        assert all(torch.equal(c["signs"], saved[p]["signs"]) for p, c in handle.state_dict().items())
+        first, second = (F.cross_entropy(model(x), y) for x, y in data[2:])
+        first.backward()
+        second.backward()
+        caches[kernels] = handle.state_dict()
+        read = weakref.ref(model[1]._lwat.signs)  # the cache the next forward reads; its backward replaces it
+        loss = F.cross_entropy(model(data[0][0]), data[0][1])
+        loss.backward()  # `loss` and its graph stay alive
+        if kernels == "compiled":
+            assert read() is None
+    for p in caches["aten"]:
+        assert torch.equal(caches["aten"][p]["signs"], caches["compiled"][p]["signs"])
+        assert torch.equal(caches["aten"][p]["scale"], caches["compiled"][p]["scale"])
+
+
 def test_compiled_kernels_are_used_and_equal_aten_when_the_gradient_has_another_layout(monkeypatch, device):
     """kernels="compiled" runs Eq. 6 and Eq. 5 through lwat/_compile.py's kernels at every point and step, and
     computes exactly what the aten kernels compute, also where a channels-last activation gets a gradient in the
     default layout (a flatten after it), so the new signs cannot simply become the cache."""
     from lwat import _compile
-    calls = {"eq6_kernel": 0, "eq5_kernel": 0}
+    calls = {"eq6": 0, "eq5": 0}
     for name in calls:
         def counted(*args, _name=name, _kernel=getattr(_compile, name)):
             calls[_name] += 1
@@ -429,7 +482,7 @@ def test_compiled_kernels_are_used_and_equal_aten_when_the_gradient_has_another_
     data = [(x.to(memory_format=torch.channels_last), y) for x, y in batches(3, (8, 3, 6, 6), device=device)]
     m1, h1, outs1 = lwat_run(net, data, 10.0, "range")
     m2, h2, outs2 = lwat_run(net, data, 10.0, "range", kernels="compiled")
-    assert calls == {"eq6_kernel": 3 * 2, "eq5_kernel": 3 * 2}  # 3 steps, 2 points
+    assert calls == {"eq6": 3 * 2, "eq5": 3 * 2}  # 3 steps, 2 points
     assert h2.state_dict()["1"]["signs"].is_contiguous(memory_format=torch.channels_last)
     for o1, o2 in zip(outs1, outs2):
         assert torch.equal(o1, o2)
