@@ -40,10 +40,11 @@ Rules worth knowing (tested in tests/test_perturb.py and tests/test_perturb_sema
   made to need one in eager mode, so Eq. 5 still gets dJ/da there (under torch.compile it gets none
   and is never perturbed).
 - Several passes per step: each train-mode pass is perturbed with the cache as it is when the pass
-  runs, and each backward overwrites it; a backward whose forward ran before the cache was made
-  afresh (`reset()`, `load_state_dict()`, another activation shape) leaves the new cache alone. Gradient accumulation (forward, backward per micro-batch)
+  runs, and each backward overwrites it. Gradient accumulation (forward, backward per micro-batch)
   therefore perturbs micro-batch k with the signs of micro-batch k-1, the previous step's last
-  micro-batch for the first one. Passes inside `handle.paused()` neither perturb nor refresh.
+  micro-batch for the first one. Passes inside `handle.paused()` neither perturb nor refresh. A
+  backward whose forward ran before the cache was made afresh (`reset()`, `load_state_dict()`,
+  another activation shape) leaves the new cache alone.
 - Activation checkpointing (torch.utils.checkpoint, reentrant or not): outputs, gradients and the
   cache equal those without checkpointing.
 - `copy.deepcopy` of an attached model (and so `torch.optim.swa_utils.AveragedModel`'s copy) is an
@@ -246,13 +247,13 @@ class _Point(nn.Module):
         n, in_place = out.shape[0], self._lwat_in_place
         full = n == state.signs.shape[0]
         compiling = _compile.is_compiling()  # then the graph gets the flat cache, and no Python state
-        if handle.perturb:
-            rows = state.signs if full else state.signs[:n]  # a smaller batch uses the first n rows
+        if handle.perturb:  # a smaller batch uses the first n rows of the signs
             if (handle.kernels == "compiled" and in_place and not compiling
                     and out.is_contiguous(memory_format=state.layout)):  # one compiled pass (lwat/_compile.py)
                 _compile.eq6(_flat(out, state.layout), state.flat[:out.numel()].detach(),
                              state.scale.to(out.dtype))  # Eq. 6
             else:
+                rows = state.signs if full else state.signs[:n]
                 if out.device.type == "cpu":  # see Kernels above
                     rows = rows.to(out.dtype)
                 out = out.addcmul_(rows, state.scale) if in_place else torch.addcmul(out, rows, state.scale)  # Eq. 6
