@@ -104,9 +104,9 @@ def _size_cache(handle, module, args, kwargs, shapes) -> None:
 # In eager mode Eq. 6 and Eq. 5 are aten kernels (perturb.py): two passes over memory each, with an fp32
 # temporary. These compile into one pass each. They take dense 1-D tensors (perturb.py flattens in the cache's
 # layout, detached so that dynamo guards on no view's base) and run with autocast off, so one compiled graph
-# serves every point, batch size and layout: dynamo
-# compiles again only for another dtype, device or surrounding autocast dtype (at its recompile limit it runs the
-# Python below uncompiled: the same numbers, slower). Called unrecorded: a compiled function that updates a tensor
+# serves every point, batch size and layout: dynamo compiles again only for another dtype, device or surrounding
+# autocast dtype (at its recompile limit it runs the Python below uncompiled: the same numbers, slower). Called
+# unrecorded: a compiled function that updates a tensor
 # requiring grad under autograd runs as a compiled autograd.Function that copies the result back, slower than
 # the aten kernels (benchmarks/eager_kernels.py). Eq. 5's signs come back as a new tensor, which the point keeps:
 # writing them into the old cache from inside a compiled function costs a pass of its own
