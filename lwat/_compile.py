@@ -106,9 +106,8 @@ def _size_cache(handle, module, args, kwargs, shapes) -> None:
 # layout, detached so that dynamo guards on no view's base) and run with autocast off, so one compiled graph
 # serves every point, batch size and layout: dynamo compiles again only for another dtype, device or surrounding
 # autocast dtype (at its recompile limit it runs the Python below uncompiled: the same numbers, slower). Called
-# unrecorded: a compiled function that updates a tensor
-# requiring grad under autograd runs as a compiled autograd.Function that copies the result back, slower than
-# the aten kernels (benchmarks/eager_kernels.py). Eq. 5's signs come back as a new tensor, which the point keeps:
+# unrecorded: a compiled function that updates a tensor requiring grad under autograd runs as a compiled
+# autograd.Function that copies the result back, slower than the aten kernels (benchmarks/eager_kernels.py). Eq. 5's signs come back as a new tensor, which the point keeps:
 # writing them into the old cache from inside a compiled function costs a pass of its own
 # (benchmarks/point_kernels.py). Under torch.compile of the model, perturb.py uses its aten code, which inductor
 # fuses into the model's own kernels.
