@@ -24,8 +24,9 @@ The end of the file holds the two kernels of `attach(kernels="compiled")`: Eq. 6
 eager model.
 
 Torch APIs used: public ones (torch.compile, torch.compiler.is_compiling, torch.compiler.disable,
-torch.func.functional_call, the meta device) and one private module, `torch.utils._pytree` (tree_leaves,
-tree_map: the tensors inside nested inputs). Tested on torch 2.13.0.
+torch.func.functional_call, the meta device) and two private ones, `torch.utils._pytree` (tree_leaves,
+tree_map: the tensors inside nested inputs) and `torch._dynamo.exc.BackendCompilerFailed` (the kernels' compile
+error). Tested on torch 2.13.0.
 
 A torch 2.13 inductor behaviour this design works around (see `_Eq5` in perturb.py): when a graph input is
 read in the forward and mutated in the backward, inductor's layout optimization may hand the backward a
@@ -125,13 +126,25 @@ def _eq5_kernel(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return torch.sign(g).to(torch.int8), g.amin(), g.amax()
 
 
+class KernelsError(RuntimeError):
+    """attach(kernels="compiled") cannot compile its kernels on this machine (no C++ compiler, ...)."""
+
+
 def eq6(out: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor) -> None:
     """out += signs * scale in place (1-D, dense; scale 0-dim in out's dtype), unrecorded, one compiled pass."""
-    with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
-        _eq6_kernel(out, signs, scale)
+    _run(_eq6_kernel, out, signs, scale)
 
 
 def eq5(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(int8 sign(g), min(g), max(g)) of a dense 1-D g, in one compiled pass."""
-    with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
-        return _eq5_kernel(g)
+    return _run(_eq5_kernel, g)
+
+
+def _run(kernel, *tensors):
+    try:
+        with torch.no_grad(), torch.autocast(tensors[0].device.type, enabled=False):
+            return kernel(*tensors)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        why = (str(e.inner_exception).strip().splitlines() or [""])[0]
+        raise KernelsError(f"kernels='compiled' cannot compile its kernels here ({type(e.inner_exception).__name__}: "
+                           f"{why}); use kernels='aten', the default") from e

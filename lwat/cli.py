@@ -238,11 +238,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    from lwat._compile import KernelsError
     from lwat.train import TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, TrainingError, ValueError, OSError) as e:  # OSError: a path that cannot be used
+    except (ConfigError, DataError, TrainingError, KernelsError, ValueError, OSError) as e:  # OSError: a bad path
         print(f"lwat: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before training's own handler is in place (loading data): nothing to save yet

@@ -50,6 +50,19 @@ def test_bad_train_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_kernels_that_cannot_compile_are_one_line_exit_2(capsys, tmp_path, monkeypatch):
+    """--kernels compiled on a machine where torch.compile fails (no C++ compiler): one line, no traceback."""
+    import torch._dynamo.exc
+    from lwat import _compile
+
+    def no_compiler(*tensors):
+        raise torch._dynamo.exc.BackendCompilerFailed(no_compiler, RuntimeError("No working C++ compiler found"), None)
+    monkeypatch.setattr(_compile, "_eq6_kernel", no_compiler)
+    code, out, err = run(capsys, "train", *SMALL, "--out", str(tmp_path / "r"), "--kernels", "compiled")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "kernels='compiled' cannot compile its kernels here (RuntimeError: No working C++ compiler found)" in err
+
+
 @pytest.mark.parametrize("content,message", [
     ({"epochs": 1, "learning_rate": 0.1}, "unknown config key(s): learning_rate"),
     ({"epochs": "ten"}, "epochs: expected int, got 'ten'"),
