@@ -11,7 +11,8 @@ process, in a rotating order (benchmarks/race.py; forward, backward; no optimize
     lat, compiled    lwat.attach(..., kernels="compiled"): the library with its own compiled kernels
     hooks: aten      a minimal Algorithm 1 made of hooks at the same points, with lwat's eager kernels
                      (Eq. 6: addcmul_ of the signs cast to fp32; Eq. 5: aminmax, then sign copied into int8)
-    hooks: compiled  the same hooks calling two torch.compile'd kernels (Eq. 6 one pass; Eq. 5 one pass)
+    hooks: compiled  the same hooks calling lwat's two torch.compile'd kernels (lwat/_compile.py: Eq. 6 one
+                     pass; Eq. 5 one pass)
     hooks: compiled, no_grad   the same, with Eq. 6 called under torch.no_grad()
 
 Why the last row: called with autograd recording, a compiled function that updates a tensor which requires grad
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import lwat
+from lwat import _compile
 from lwat.models import build_model
 from race import race
 
@@ -52,16 +54,13 @@ def aten_eq5(g, signs, scale, eps):
     return signs, scale
 
 
-@torch.compile(dynamic=False, fullgraph=True)
 def compiled_eq6(out, signs, scale):
-    out.add_(signs.to(out.dtype) * scale)
+    _compile._eq6_kernel(out.view(-1), signs.view(-1), scale)  # lwat's kernel, without its no_grad wrapper
 
 
-@torch.compile(dynamic=False, fullgraph=True)
-def compiled_eq5(g, signs, scale, eps: float):
-    # New tensors, not the old ones overwritten: a compiled function writes a mutated input back in a pass of
-    # its own (benchmarks/point_kernels.py: 17.0 against 12.3 ms over ResNet-20's points, one run, Intel CPU).
-    return torch.sign(g).to(torch.int8), (g.amax() - g.amin()) * eps
+def compiled_eq5(g, signs, scale, eps):
+    flat, lo, hi = _compile._eq5_kernel(g.reshape(-1))  # lwat's kernel: new int8 signs, as lat keeps them
+    return flat.view(g.shape), (hi - lo) * eps
 
 
 def hooked(model, eps, eq6, eq5, recorded=True):

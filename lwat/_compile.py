@@ -108,10 +108,10 @@ def _size_cache(handle, module, args, kwargs, shapes) -> None:
 # serves every point, batch size and layout: dynamo compiles again only for another dtype, device or surrounding
 # autocast dtype (at its recompile limit it runs the Python below uncompiled: the same numbers, slower). Called
 # unrecorded: a compiled function that updates a tensor requiring grad under autograd runs as a compiled
-# autograd.Function that copies the result back, slower than the aten kernels (benchmarks/eager_kernels.py). Eq. 5's signs come back as a new tensor, which the point keeps:
-# writing them into the old cache from inside a compiled function costs a pass of its own
-# (benchmarks/point_kernels.py). Under torch.compile of the model, perturb.py uses its aten code, which inductor
-# fuses into the model's own kernels.
+# autograd.Function that copies the result back, slower than the aten kernels (benchmarks/eager_kernels.py).
+# Eq. 5's signs come back as a new tensor, which the point keeps: writing them into the old cache from inside a
+# compiled function costs a pass of its own (benchmarks/point_kernels.py). Under torch.compile of the model,
+# perturb.py uses its aten code, which inductor fuses into the model's own kernels.
 
 @torch.compile(dynamic=True)
 def _eq6_kernel(out: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor) -> None:

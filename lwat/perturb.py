@@ -383,14 +383,16 @@ class _Eq5(torch.autograd.Function):
                      and g.is_contiguous(memory_format=_layout(g)))
         with torch.no_grad():
             new_signs = _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction, fused)
-        if fused:
-            _keep(state, new_signs)
+            if fused:
+                _keep(state, new_signs)
+            else:
+                signs.copy_(new_signs)  # (fp32 sign() stored as int8; see benchmarks/point_kernels.py)
         return g, None, None, None, None, None, None, None, None, None
 
 
 def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction, fused=False):
-    # Eq. 5, with g = dJ/da at this point: r_l = sign(g) and eps_l, written over the cache in place; `fused`
-    # (eager, kernels="compiled"; g dense): one compiled pass makes new signs, returned for the point to keep.
+    # Eq. 5, with g = dJ/da at this point: eps_l written over the cache's scale in place, r_l = sign(g) returned
+    # for the caller to store; `fused` (eager, kernels="compiled"; g dense): one compiled pass, int8 signs.
     if fused:
         layout = _layout(g)
         flat, lo, hi = _compile.eq5(_flat(g, layout))
@@ -406,7 +408,7 @@ def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, directi
         if direction == "random":
             new_signs = torch.randint_like(signs, 0, 2).mul_(2).sub_(1)
         else:
-            new_signs = torch.sign(g)  # (stored as int8 by the copy below; see benchmarks/point_kernels.py)
+            new_signs = torch.sign(g)
     spread = hi.float() - lo.float()  # fp32: an fp16 range can overflow
     if scale_kind == "range":
         new_scale = spread * eps  # eps_l = eps * (M - m), appendix
@@ -422,10 +424,7 @@ def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, directi
         new_signs = torch.where(finite, new_signs, signs)
         new_scale = torch.where(finite, new_scale, scale)
     scale.copy_(new_scale)
-    if fused:
-        return new_signs
-    signs.copy_(new_signs)
-    return None
+    return new_signs
 
 
 def _keep(state: _State, new: torch.Tensor) -> None:
