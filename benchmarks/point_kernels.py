@@ -11,6 +11,7 @@ copy bandwidth it implies.
     python benchmarks/point_kernels.py                        # ResNet-20, batch 128, 2 threads
     python benchmarks/point_kernels.py --model vgg16_bn --repeats 9
     python benchmarks/point_kernels.py --device cuda --batch-size 128 512
+    python benchmarks/point_kernels.py --channels-last       # activations and gradients channels-last
 
 Every variant's result is checked against the reference computation (torch.sign, aminmax) before timing.
 """
@@ -89,6 +90,11 @@ def eq5_sign_into(g, buf):
     return buf.copy_(torch.sign(g)), lo, hi  # int8 written into last step's buffer (no fresh int8 tensor)
 
 
+def eq5_flat_range(g, buf):
+    lo, hi = torch.aminmax(lwat.perturb._memory(g))  # the range over g's memory seen as 1-D (what lat does)
+    return buf.copy_(torch.sign(g)), lo, hi
+
+
 def eq5_sliced(g, buf):
     lo, hi = torch.aminmax(g)
     for x, b in row_slices(g, buf):
@@ -132,8 +138,12 @@ def run(args, device):
     shapes = point_shapes(args.model, args.batch_size)
     numel = sum(s.numel() for s in shapes)
     g = torch.Generator(device="cpu").manual_seed(0)
-    outs = [torch.randn(s, generator=g).to(device) for s in shapes]
-    grads = [torch.randn(s, generator=g).to(device).relu_() * (torch.rand(s, generator=g).to(device) - 0.5)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    def on(t):
+        return t.to(device, memory_format=fmt if t.dim() == 4 else torch.contiguous_format)
+    outs = [on(torch.randn(s, generator=g)) for s in shapes]
+    grads = [on(torch.randn(s, generator=g).relu_() * (torch.rand(s, generator=g) - 0.5))
              for s in shapes]  # about half exact zeros, as dJ/d(BN output) before a ReLU
     signs = [torch.sign(x).to(torch.int8) for x in grads]
     scale = torch.tensor(0.01, device=device)
@@ -162,6 +172,7 @@ def run(args, device):
             "aminmax; gt(0).to(int8) - lt(0).to(int8)": eq5(eq5_gt_lt),
             "aminmax; sign().to(int8)": eq5(eq5_sign_to),
             "aminmax; int8 buffer.copy_(sign())": eq5(eq5_sign_into),
+            "the same, aminmax of the memory as 1-D": eq5(eq5_flat_range),
             "the same in slices of 256K elements": eq5(eq5_sliced),
             "the same, range per slice too": eq5(eq5_sliced_range),
             "aminmax; gt(0, out=int8 buffer) - lt(0)": eq5(eq5_gt_lt_into),
@@ -176,8 +187,8 @@ def run(args, device):
     check(outs, grads, signs, scale, jobs, compiled)
     flat = {(job, name): fn for job, variants in jobs.items() for name, fn in variants.items()}
     times = race(flat, args.repeats, args.warmup, lambda: sync(device))
-    print(f"\n{args.model}, batch {args.batch_size}: {len(shapes)} points, {numel / 1e6:.1f}M elements; {hardware(device)}, "
-          f"torch {torch.__version__}; median and min of {args.repeats} alternating repeats after {args.warmup} warm-up")
+    print(f"\n{args.model}, batch {args.batch_size}: {len(shapes)} points, {numel / 1e6:.1f}M elements"
+          f"{', channels-last' if args.channels_last else ''}; {hardware(device)}, torch {torch.__version__}; median and min of {args.repeats} alternating repeats after {args.warmup} warm-up")
     print("| job | variant | median ms | min ms | / first of job |")
     print("|---|---|---|---|---|")
     for job, variants in jobs.items():
@@ -199,7 +210,7 @@ def check(outs, grads, signs, scale, jobs, compiled):
         fn(got, s, scale)
         torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
     ref = (torch.sign(x).to(torch.int8), x.min(), x.max())
-    for fn in (eq5_gt_lt, eq5_sign_to, eq5_sign_into, eq5_sliced, eq5_sliced_range, eq5_gt_lt_into):
+    for fn in (eq5_gt_lt, eq5_sign_to, eq5_sign_into, eq5_flat_range, eq5_sliced, eq5_sliced_range, eq5_gt_lt_into):
         got = fn(x, torch.empty_like(s))
         assert torch.equal(got[0], ref[0]) and got[1] == ref[1] and got[2] == ref[2], fn.__name__
     fe = foreach_eq5([x], [s])
@@ -230,6 +241,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variants")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--channels-last", action="store_true", help="4-D activations and gradients channels-last")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -213,6 +213,8 @@ _RESHAPED_WARN = 10  # warn once, at this many shape changes (each one costs the
 # registers, so there the mixed-dtype addcmul_ stays one pass and one launch (not measured: no GPU was lent).
 # Eq. 5 is aminmax, then sign() copied into the int8 cache (9.2 ms): fewer passes than the comparisons it
 # replaced (gt - lt, five kernels, 26.0 ms) and torch._foreach_* over all points (a loop on the CPU, 38.3 ms).
+# aminmax reads g's memory as one 1-D tensor: over a channels-last 4-D tensor it takes about twice as long on
+# the CPU (`point_kernels.py --channels-last`; README "Cost").
 # 1 MiB slices that keep the fp32 temporaries in cache (6.8 and 7.9 ms) are faster alone but gained nothing
 # measurable in whole training steps. One torch.compile'd pass per job is faster alone and, called unrecorded,
 # in whole steps too: attach(kernels="compiled") (lwat/_compile.py; opt-in, as it compiles on the first steps and
@@ -338,6 +340,12 @@ def _flat(t: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
     return (t.permute(0, 2, 3, 1) if layout == torch.channels_last else t).view(-1).detach()
 
 
+def _memory(t: torch.Tensor) -> torch.Tensor:
+    # t's elements as one 1-D tensor in memory order where t is dense in its layout, else t itself.
+    layout = _layout(t)
+    return _flat(t, layout) if t.is_contiguous(memory_format=layout) else t
+
+
 def _unflatten(flat: torch.Tensor, shape: torch.Size, layout: torch.memory_format) -> torch.Tensor:
     if layout == torch.channels_last:
         n, c, h, w = shape
@@ -404,7 +412,7 @@ def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, directi
             per_channel = [d for d in range(g.dim()) if d != 1]
             lo, hi = g.amin(per_channel).amin(), g.amax(per_channel).amax()
         else:
-            lo, hi = torch.aminmax(g)
+            lo, hi = torch.aminmax(_memory(g))  # see Kernels above
         if direction == "random":
             new_signs = torch.randint_like(signs, 0, 2).mul_(2).sub_(1)
         else:
