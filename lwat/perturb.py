@@ -341,9 +341,9 @@ def _flat(t: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
 
 
 def _memory(t: torch.Tensor) -> torch.Tensor:
-    # t's elements as one 1-D tensor in memory order where t is dense in its layout, else t itself.
-    layout = _layout(t)
-    return _flat(t, layout) if t.is_contiguous(memory_format=layout) else t
+    # A dense channels-last t as one 1-D tensor in memory order, else t itself (a contiguous t is read in memory
+    # order already; another t is left as it is).
+    return _flat(t, torch.channels_last) if _layout(t) == torch.channels_last else t
 
 
 def _unflatten(flat: torch.Tensor, shape: torch.Size, layout: torch.memory_format) -> torch.Tensor:
