@@ -188,7 +188,8 @@ def run(args, device):
     flat = {(job, name): fn for job, variants in jobs.items() for name, fn in variants.items()}
     times = race(flat, args.repeats, args.warmup, lambda: sync(device))
     print(f"\n{args.model}, batch {args.batch_size}: {len(shapes)} points, {numel / 1e6:.1f}M elements"
-          f"{', channels-last' if args.channels_last else ''}; {hardware(device)}, torch {torch.__version__}; median and min of {args.repeats} alternating repeats after {args.warmup} warm-up")
+          f"{', channels-last' if args.channels_last else ''}; {hardware(device)}, torch {torch.__version__}; "
+          f"median and min of {args.repeats} alternating repeats after {args.warmup} warm-up")
     print("| job | variant | median ms | min ms | / first of job |")
     print("|---|---|---|---|---|")
     for job, variants in jobs.items():
