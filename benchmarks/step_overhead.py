@@ -19,7 +19,8 @@ bf16) and writes 1 byte of signs; those bytes over this machine's copy bandwidth
 a buffer as large as all the points' activations, bytes read + written per second), added to the baseline
 step: floor = 1 + bytes / bandwidth / fastest baseline step. An eager pass cannot fuse Eq. 6 into the kernel that
 makes the activation, so it also reads and writes the activation once: the "eager floor" adds those bytes (14 per
-element in fp32, 8 in bf16, against the floor's 6 and 4).
+element in fp32, 8 in bf16, against the floor's 6 and 4). Both count one read of the gradient for Eq. 5's range
+and signs together, as one fused pass does (aten's aminmax and sign read it twice).
 
     python benchmarks/step_overhead.py              # ResNet-20, VGG-16-BN; batch 128; eager, compiled; fp32, bf16
     python benchmarks/step_overhead.py --device cuda --batch-size 128 512 --steps 50
