@@ -229,6 +229,8 @@ def test_benchmark_row_against_hand_counts(device, monkeypatch):
     ms = {m: row[f"{m} ms"] for m in bench.METHODS}
     assert row["lat/baseline"] == pytest.approx(ms["lat"] / ms["baseline"])
     assert row["fgsm/baseline"] == pytest.approx(ms["fgsm"] / ms["baseline"])
+    # bf16: the floor moves 1 + 2 + 1 bytes per element, the eager floor 1 + 2 * 2 + 2 + 1, over one bandwidth
+    assert row["eager floor"] - 1 == pytest.approx(2 * (row["floor"] - 1), rel=1e-9) and row["floor"] > 1
     steps = 50_000 // 4  # a CIFAR-10 epoch of batches of 4
     assert row["epoch s (baseline / lat / fgsm)"] == " / ".join(f"{ms[m] * steps / 1e3:.1f}" for m in bench.METHODS)
 
@@ -255,3 +257,28 @@ def test_eager_kernels_benchmark_races_the_method(monkeypatch):
     assert any(not torch.allclose(a, b) for a, b in zip(grads["lat"], grads["baseline"]))
     for a, b in zip(grads["baseline again"], grads["baseline"]):  # the A/A pair does the same work
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compiled_kernels_profile_splits_forward_and_backward(monkeypatch):
+    """benchmarks/compiled_kernels.py counts inductor's kernels where they run: lat's signs (Eq. 5) are written by a
+    kernel of the compiled backward, its addcmul (Eq. 6) by one of the forward, and the baseline has neither."""
+    bench = benchmark("compiled_kernels", monkeypatch)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config.cpp, "enable_kernel_profile", True)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
+    x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    kernels = {}
+    for name in ("baseline", "lat"):
+        model = copy.deepcopy(plain)
+        if name == "lat":
+            lwat.attach(model, 10.0)
+        compiled = torch.compile(model)
+        for _ in range(3):
+            nn.functional.cross_entropy(compiled(x), y).backward()
+        times = bench.profile(compiled, x, y, steps=1)
+        kernels[name] = {part: [k for k in counter if bench.FUSED in k] for part, counter in times.items()}
+        assert all(bench.summary(counter)[0] > 0 for counter in times.values())
+    assert any("sign" in k for k in kernels["lat"]["backward"])
+    assert any("addcmul" in k for k in kernels["lat"]["forward"])
+    assert not any("sign" in k or "addcmul" in k for part in kernels["baseline"].values() for k in part)
