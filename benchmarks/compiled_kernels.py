@@ -6,7 +6,7 @@ script compiles a baseline and an attached copy of a model (same weights), runs 
 the time in inductor's fused kernels of the forward and of the backward, in aten ops (mostly the convolutions,
 which inductor leaves to oneDNN on the CPU), and the largest fused kernels of each. The forward and backward are
 profiled apart, so each kernel is counted where it runs. Profiler times are inflated against plain step times,
-and two runs differ by up to ~2 ms in the fused kernels and ~4 ms in the aten ops: compare the two models of one
+and two runs differ by up to ~2 ms in the fused kernels and ~9 ms in the aten ops: compare the two models of one
 run, and run it twice.
 
     python benchmarks/compiled_kernels.py --model resnet20 --steps 6 --threads 2
