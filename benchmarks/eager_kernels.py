@@ -59,7 +59,7 @@ def compiled_eq6(out, signs, scale):
 
 
 def compiled_eq5(g, signs, scale, eps):
-    flat, lo, hi = _compile._eq5_kernel(g.reshape(-1))  # lwat's kernel: new int8 signs, as lat keeps them
+    flat, lo, hi = _compile.eq5(g.reshape(-1))  # lwat's kernel: new int8 signs, as lat keeps them
     return flat.view(g.shape), (hi - lo) * eps
 
 

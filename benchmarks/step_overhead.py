@@ -139,8 +139,9 @@ def bench(name, width, batch, device, steps, warmup, mode, amp, eps, channels_la
     best = {label: 1e3 * min(t) for label, t in times.items()}  # the least disturbed step, on a shared machine
     value_bytes = 2 if amp != "off" else 4  # the points' activations (and so their gradients) in the autocast dtype
     per_second = copy_bandwidth(elements, device)
-    floor_s = elements * (1 + value_bytes + 1) / per_second
-    eager_floor_s = elements * (1 + 2 * value_bytes + value_bytes + 1) / per_second  # + the activation read, written
+    floor_bytes = 1 + value_bytes + 1
+    floor_s = elements * floor_bytes / per_second
+    eager_floor_s = elements * (floor_bytes + 2 * value_bytes) / per_second  # + the activation read and written
     epoch_steps = CIFAR_TRAIN // batch
     return {
         "model": name + (f" (width {width})" if width != 1.0 else ""), "batch": batch,
