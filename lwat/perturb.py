@@ -111,20 +111,11 @@ def attach(
             step fuses the method into its own kernels.
 
     Returns:
-        A `Handle`: `.points`, `.state_dict()`, `.load_state_dict()`, `.paused()`, `.detach()`.
+        A `Handle`: `.points`, `.state_dict()`, `.load_state_dict()`, `.paused()`, `.detach()`; its `.eps`,
+        `.scale`, `.direction` and `.kernels` may be changed later, checked as here.
     """
-    try:
-        value = float(eps)  # a Python or numpy number, or a 0-dim tensor
-    except (TypeError, ValueError, RuntimeError):
-        value = float("nan")
-    if isinstance(eps, (bool, str)) or not 0 <= value < float("inf"):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; known: {', '.join(DIRECTIONS)}")
-    if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r}; known: {', '.join(KERNELS)}")
+    settings = {name: _setting(name, value)
+                for name, value in (("eps", eps), ("scale", scale), ("direction", direction), ("kernels", kernels))}
     modules = dict(model.named_modules())
     if any(isinstance(m, _Point) for m in modules.values()):
         raise ValueError("model already has perturbation points attached; detach() them first")
@@ -137,7 +128,23 @@ def attach(
         if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= len(names):
             raise ValueError(f"depth must be in 1..{len(names)} (the number of points), got {depth}")
         names = names[:depth]
-    return Handle(model, [(n, modules[n]) for n in names], value, scale, direction, kernels)
+    return Handle(model, [(n, modules[n]) for n in names], **settings)
+
+
+def _setting(name: str, value):
+    """A handle setting (eps, scale, direction, kernels) checked, as `attach` and every later change see it."""
+    if name == "eps":
+        try:
+            number = float(value)  # a Python or numpy number, or a 0-dim tensor
+        except (TypeError, ValueError, RuntimeError):
+            number = float("nan")
+        if isinstance(value, (bool, str)) or not 0 <= number < float("inf"):
+            raise ValueError(f"eps must be a finite number >= 0, got {value!r}")
+        return number
+    known = {"scale": SCALES, "direction": DIRECTIONS, "kernels": KERNELS}[name]
+    if not isinstance(value, str) or value not in known:
+        raise ValueError(f"unknown {name} {value!r}; known: {', '.join(known)}")
+    return value
 
 
 def default_points(model: nn.Module) -> list[str]:
@@ -447,7 +454,14 @@ def _keep(state: _State, new: torch.Tensor) -> None:
 # ---- The handle ------------------------------------------------------------------------------------
 
 class Handle:
-    """What `attach` returns: the points, their cache, and the switches of the method."""
+    """What `attach` returns: the points, their cache, and the switches of the method.
+
+    `eps`, `scale`, `direction` and `kernels` may be changed between steps (`handle.eps = 20`, a schedule); a
+    value `attach` would refuse is refused here too, with the same ValueError.
+    """
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, _setting(name, value) if name in ("eps", "scale", "direction", "kernels") else value)
 
     def __init__(self, model, named_modules, eps, scale, direction, kernels):
         self.eps, self.scale, self.direction, self.kernels = eps, scale, direction, kernels

@@ -350,6 +350,35 @@ def test_bad_input(kwargs, match):
         lwat.attach(Nested(), **kwargs)
 
 
+@pytest.mark.parametrize("name,value,match", [
+    ("eps", -1.0, "eps must be a finite number >= 0, got -1.0"),
+    ("eps", "20", "eps must be a finite number >= 0, got '20'"),
+    ("scale", "fixed ", "unknown scale 'fixed '; known: range, fixed"),
+    ("direction", "rand", "unknown direction 'rand'"),
+    ("kernels", None, "unknown kernels None"),
+])
+def test_a_bad_setting_after_attach_is_refused_and_changes_nothing(name, value, match):
+    handle = lwat.attach(Nested(), 1.0)
+    before = getattr(handle, name)
+    with pytest.raises(ValueError, match=match):
+        setattr(handle, name, value)
+    assert getattr(handle, name) == before
+
+
+def test_eps_set_between_steps_makes_the_next_eps_l():
+    """handle.eps = ... (a schedule) takes effect in the next backward: with scale="fixed", eps_l is eps itself."""
+    torch.manual_seed(0)
+    model = Nested()
+    handle = lwat.attach(model, 1.0, scale="fixed")
+    (x, y), = batches(1, (4, 3, 6, 6), classes=3)
+    F.cross_entropy(model(x), y).backward()
+    assert all(v["scale"] == 1.0 for v in handle.state_dict().values())
+    handle.eps = torch.tensor(2.5)  # a 0-dim tensor, as attach takes it: kept as a Python float
+    assert type(handle.eps) is float
+    F.cross_entropy(model(x), y).backward()
+    assert all(v["scale"] == 2.5 for v in handle.state_dict().values())
+
+
 def test_no_point_and_double_attach():
     with pytest.raises(ValueError, match="no perturbation point found in Sequential"):
         lwat.attach(nn.Sequential(nn.ReLU(), nn.Linear(3, 2)), 1.0)
