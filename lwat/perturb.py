@@ -270,9 +270,9 @@ class _Point(nn.Module):
             if frozen:
                 out = out.requires_grad_().clone()  # Eq. 5 marks its input dirty, which a leaf cannot be
             out = _Eq5.apply(out if in_place or handle.perturb else out.clone(), state.flat if compiling else None,
-                             state.scale if compiling else None, handle._loss_scale, handle.eps, handle.scale,
-                             handle.direction, state.layout, None if compiling else state,
-                             compiling and _compile.may_overflow(handle, out))
+                             state.scale if compiling else None, handle._loss_scale,
+                             handle._eps if compiling else handle.eps, handle.scale, handle.direction, state.layout,
+                             None if compiling else state, compiling and _compile.may_overflow(handle, out))
         return out
 
 
@@ -325,7 +325,7 @@ def _new_cache(state: _State, shape: torch.Size, layout: torch.memory_format, de
     state.signs, state.layout = _unflatten(state.flat, shape, layout), layout
     state.made += 1
     state.scale = torch.zeros((), device=device)
-    state.handle._make_loss_scale(device)
+    state.handle._make_scalars(device)
 
 
 def _copy_cache(state: _State, signs: torch.Tensor, scale: torch.Tensor, layout: torch.memory_format,
@@ -381,9 +381,9 @@ class _Eq5(torch.autograd.Function):
         signs, scale, loss_scale, eps, scale_kind, direction, layout, state, may_overflow = ctx.cache
         fused = False
         if state is None:
-            # Compiled: the graph cannot read Python state when it runs. It divides by the handle's loss-scale
-            # tensor (which `grad_scale = ...` updates in place; 1 without a scaler), and guards against an
-            # overflow where one may happen (see _compile.may_overflow).
+            # Compiled: the graph cannot read Python state when it runs. It reads eps from the handle's eps tensor
+            # and divides by its loss-scale tensor (which `eps = ...` and `grad_scale = ...` update in place; 1
+            # without a scaler), and guards against an overflow where one may happen (see _compile.may_overflow).
             grad_scale, guard = loss_scale, may_overflow
             signs = _unflatten(signs, g.shape, layout)
         else:
@@ -430,7 +430,7 @@ def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, directi
         if grad_scale is not None:  # a GradScaler's loss scale: eps_l uses the true gradient
             new_scale = new_scale / grad_scale
     else:
-        new_scale = torch.full_like(spread, eps)
+        new_scale = torch.zeros_like(spread) + eps  # eps: a float, or a 0-dim fp32 tensor when compiled
     if guard:
         # Under a GradScaler an fp16 step may overflow: inf/NaN gradients, a step the scaler skips. That gradient
         # must not poison the cache: where M - m is not finite, keep the previous signs and eps_l (with none
@@ -462,12 +462,15 @@ class Handle:
 
     def __setattr__(self, name, value):
         super().__setattr__(name, _setting(name, value) if name in ("eps", "scale", "direction", "kernels") else value)
+        if name == "eps" and getattr(self, "_eps", None) is not None:
+            self._eps.data.fill_(self.eps)  # in place, through .data: as grad_scale's tensor below
 
     def __init__(self, model, named_modules, eps, scale, direction, kernels):
         self.eps, self.scale, self.direction, self.kernels = eps, scale, direction, kernels
         self.points = [n for n, _ in named_modules]
         self._grad_scale = None  # see the grad_scale property
         self._loss_scale = None  # grad_scale as a 0-dim fp32 tensor on the cache's device (1 without a scaler)
+        self._eps = None  # eps as one too, for compiled graphs: a new eps (a schedule) then compiles nothing again
         self.perturb = True  # add eps_l * r_l in this pass
         self.capture = True  # refresh the cache from this pass's gradient
         self.in_eval = False  # also act in eval mode (test-time attack, paper Section 3.3)
@@ -496,11 +499,13 @@ class Handle:
             # forward that ran before this assignment reads the value when it runs.
             self._loss_scale.data.copy_(1.0 if value is None else value)
 
-    def _make_loss_scale(self, device: torch.device) -> None:
+    def _make_scalars(self, device: torch.device) -> None:
+        # The tensors a compiled graph reads instead of the Python numbers it would otherwise guard on.
         if self._loss_scale is None or self._loss_scale.device != device:
             self._loss_scale = torch.ones((), device=device)
             if self._grad_scale is not None:
                 self._loss_scale.copy_(self._grad_scale)
+            self._eps = torch.tensor(self.eps, dtype=torch.float32, device=device)
 
     def detach(self) -> None:
         """Remove every point: the model is exactly the plain model again."""

@@ -738,6 +738,30 @@ class NoMeta(nn.Module):
         return self.net(x) * (1.0 if x.sum().item() != 0 else 0.0)
 
 
+@pytest.mark.parametrize("scale", ["range", "fixed"])
+def test_compiled_eps_schedule_equals_eager_and_compiles_nothing_again(scale, device):
+    """handle.eps changed every step under torch.compile: the caches equal eager mode's, and the compiled graph
+    reads eps as a tensor, so no new eps compiles again (dynamo guarded on the number, then made it symbolic,
+    which crashed its tracing of Eq. 5's backward with two points)."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    nets = [conv_bn_net().to(device) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    handles = [lwat.attach(net, 1.0, scale=scale) for net in nets]
+    models = [nets[0], torch.compile(nets[1], backend="aot_eager")]
+    opts = [torch.optim.SGD(net.parameters(), lr=0.1) for net in nets]
+    for step, (x, y) in enumerate(batches(6, (8, 3, 8, 8), device=device)):
+        for handle, model, opt in zip(handles, models, opts):
+            handle.eps = 1.0 + 0.5 * step
+            sgd_step(model, opt, x, y)
+    for p, v in handles[1].state_dict().items():
+        assert torch.equal(v["signs"], handles[0].state_dict()[p]["signs"])
+        torch.testing.assert_close(v["scale"], handles[0].state_dict()[p]["scale"])
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # the first pass's, then the model's
+    torch._dynamo.reset()
+
+
 def test_compiled_model_that_cannot_run_on_meta_warns_and_stays_exact(device):
     torch._dynamo.reset()
     torch.manual_seed(0)
