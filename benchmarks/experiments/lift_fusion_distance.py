@@ -7,7 +7,8 @@ backward graph, so this rule keeps them out of the BatchNorm backward's loops (s
 The rule is replaced by "never too far" for the whole run, and inductor's caches are turned off so that every
 graph is compiled under it (the caches do not know of the change).
 
-    python benchmarks/experiments/lift_fusion_distance.py benchmarks/step_overhead.py --models resnet20 --modes compiled --amp off --steps 20
+    python benchmarks/experiments/lift_fusion_distance.py benchmarks/step_overhead.py --models resnet20 \
+        --modes compiled --amp off --steps 20
 """
 
 import os
