@@ -19,6 +19,8 @@ os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
 
 from torch._inductor.scheduler import Scheduler  # noqa: E402
 
+if not hasattr(Scheduler, "are_long_distant_nodes"):  # another torch: refuse, rather than lift nothing
+    sys.exit("lift_fusion_distance: this torch has no Scheduler.are_long_distant_nodes (written for torch 2.13)")
 Scheduler.are_long_distant_nodes = lambda self, node1, node2: False
 
 if __name__ == "__main__":
