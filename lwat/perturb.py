@@ -73,6 +73,8 @@ from lwat import _compile
 SCALES = ("range", "fixed")
 KERNELS = ("aten", "compiled")  # eager mode's Eq. 5 / Eq. 6: aten ops, or two torch.compile'd one-pass kernels
 DIRECTIONS = ("gradient", "random")  # "random": random signs, same eps_l (a control experiment)
+_CHOICES = {"scale": SCALES, "direction": DIRECTIONS, "kernels": KERNELS}
+_SETTINGS = ("eps", *_CHOICES)  # what a handle checks whenever it is set (`_setting`)
 
 PointSelector = list[str] | tuple | type | Callable[[str, nn.Module], bool] | None
 
@@ -141,7 +143,7 @@ def _setting(name: str, value):
         if isinstance(value, (bool, str)) or not 0 <= number < float("inf"):
             raise ValueError(f"eps must be a finite number >= 0, got {value!r}")
         return number
-    known = {"scale": SCALES, "direction": DIRECTIONS, "kernels": KERNELS}[name]
+    known = _CHOICES[name]
     if not isinstance(value, str) or value not in known:
         raise ValueError(f"unknown {name} {value!r}; known: {', '.join(known)}")
     return value
@@ -461,7 +463,7 @@ class Handle:
     """
 
     def __setattr__(self, name, value):
-        super().__setattr__(name, _setting(name, value) if name in ("eps", "scale", "direction", "kernels") else value)
+        super().__setattr__(name, _setting(name, value) if name in _SETTINGS else value)
         if name == "eps" and getattr(self, "_eps", None) is not None:
             self._eps.data.fill_(self.eps)  # in place, through .data: as grad_scale's tensor below
 
