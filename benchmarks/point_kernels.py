@@ -206,7 +206,8 @@ def check(outs, grads, signs, scale, jobs, compiled):
     """Every variant computes what the reference computes (on copies; nothing is timed here)."""
     o, s, x = outs[0].clone(), signs[0], grads[0]
     expect = o + s.float() * scale
-    for fn in (eq6_addcmul_int8, eq6_addcmul_cast, eq6_sliced, eq6_add_mul, *([compiled["eq6_fused"]] if compiled else [])):
+    eq6_variants = (eq6_addcmul_int8, eq6_addcmul_cast, eq6_sliced, eq6_add_mul)
+    for fn in (*eq6_variants, *([compiled["eq6_fused"]] if compiled else [])):
         got = o.clone()
         fn(got, s, scale)
         torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)

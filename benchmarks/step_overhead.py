@@ -18,9 +18,9 @@ the forward reads 1 byte of cached signs, and the backward reads the gradient on
 bf16) and writes 1 byte of signs; those bytes over this machine's copy bandwidth (the best of a few copies of
 a buffer as large as all the points' activations, bytes read + written per second), added to the baseline
 step: floor = 1 + bytes / bandwidth / fastest baseline step. An eager pass cannot fuse Eq. 6 into the kernel that
-makes the activation, so it also reads and writes the activation once: the "eager floor" adds those bytes (14 per
-element in fp32, 8 in bf16, against the floor's 6 and 4). Both count one read of the gradient for Eq. 5's range
-and signs together, as one fused pass does (aten's aminmax and sign read it twice).
+makes the activation, so it also reads and writes the activation once: the "eager floor" (eager rows only) adds
+those bytes (14 per element in fp32, 8 in bf16, against the floor's 6 and 4). Both count one read of the gradient
+for Eq. 5's range and signs together, as one fused pass does (aten's aminmax and sign read it twice).
 
     python benchmarks/step_overhead.py              # ResNet-20, VGG-16-BN; batch 128; eager, compiled; fp32, bf16
     python benchmarks/step_overhead.py --device cuda --batch-size 128 512 --steps 50
@@ -150,7 +150,8 @@ def bench(name, width, batch, device, steps, warmup, mode, amp, eps, channels_la
         **{f"{m} img/s": 1e3 * batch / ms[m] for m in METHODS},
         "lat/baseline": ms["lat"] / ms["baseline"], "lat/baseline (min)": best["lat"] / best["baseline"],
         "A/A": ms["baseline again"] / ms["baseline"],
-        "floor": 1 + 1e3 * floor_s / best["baseline"], "eager floor": 1 + 1e3 * eager_floor_s / best["baseline"],
+        "floor": 1 + 1e3 * floor_s / best["baseline"],
+        "eager floor": "—" if mode == "compiled" else 1 + 1e3 * eager_floor_s / best["baseline"],  # eager only
         "fgsm/baseline": ms["fgsm"] / ms["baseline"],
         "lat/baseline memory": memory["lat"] / max(memory["baseline"], 1),
         "cache B/elem": cache_bytes / elements,
@@ -188,7 +189,8 @@ def main():
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{hardware}, torch {torch.__version__}, median of {args.steps} alternating steps (rotating order) "
-          f"after {args.warmup} warm-up{', channels-last' if args.channels_last else ''}. A step: the method's forward and backward "
+          f"after {args.warmup} warm-up{', channels-last' if args.channels_last else ''}. "
+          "A step: the method's forward and backward "
           "passes and SGD. memory: peak bytes allocated during one step. epoch s: extrapolated (median step x "
           f"{CIFAR_TRAIN} // batch steps of CIFAR-10; no input pipeline, no test pass), not timed. loader share: "
           "a Loader batch (uint8 gather, crop, flip, to float) / (that + the baseline step).")

@@ -381,7 +381,7 @@ class _Eq5(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         signs, scale, loss_scale, eps, scale_kind, direction, layout, state, may_overflow = ctx.cache
-        fused = False
+        fused = None  # g's layout where Eq. 5 runs as one compiled pass (eager, kernels="compiled", g dense in it)
         if state is None:
             # Compiled: the graph cannot read Python state when it runs. It reads eps from the handle's eps tensor
             # and divides by its loss-scale tensor (which `eps = ...` and `grad_scale = ...` update in place; 1
@@ -396,24 +396,24 @@ class _Eq5(torch.autograd.Function):
             signs, scale = state.signs, state.scale
             grad_scale = state.handle.grad_scale  # the loss scale set for this backward, None without a GradScaler
             guard = grad_scale is not None
-            fused = (state.handle.kernels == "compiled" and direction == "gradient"
-                     and g.is_contiguous(memory_format=_layout(g)))
+            if state.handle.kernels == "compiled" and direction == "gradient":
+                g_layout = _layout(g)
+                fused = g_layout if g.is_contiguous(memory_format=g_layout) else None
         with torch.no_grad():
             new_signs = _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction, fused)
-            if fused:
+            if fused is not None:
                 _keep(state, new_signs)
             else:
                 signs.copy_(new_signs)  # (fp32 sign() stored as int8; see benchmarks/point_kernels.py)
         return g, None, None, None, None, None, None, None, None, None
 
 
-def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction, fused=False):
+def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction, fused=None):
     # Eq. 5, with g = dJ/da at this point: eps_l written over the cache's scale in place, r_l = sign(g) returned
-    # for the caller to store; `fused` (eager, kernels="compiled"; g dense): one compiled pass, int8 signs.
-    if fused:
-        layout = _layout(g)
-        flat, lo, hi = _compile.eq5(_flat(g, layout))
-        new_signs = _unflatten(flat, g.shape, layout)
+    # for the caller to store; `fused`, g's layout (eager, kernels="compiled"; g dense): one compiled pass, int8.
+    if fused is not None:
+        flat, lo, hi = _compile.eq5(_flat(g, fused))
+        new_signs = _unflatten(flat, g.shape, fused)
     else:
         if _compile.is_compiling() and g.dim() > 2:
             # Per channel first: the same loops as a BatchNorm's own backward reductions, so inductor fuses them

@@ -50,12 +50,13 @@ def claim(text: str, a: Stats | None, b: Stats | None, *, higher: bool = True, u
           names=("", "")) -> str:
     """'- text: **yes** (a vs b)': whether mean a > mean b (or < with higher=False).
 
-    A difference smaller than the larger std is flagged as within the seeds' spread.
+    Equal means, or a difference smaller than the larger std, make neither: **not shown**, with the reason.
     """
     if a is None or b is None:
         return f"- {text}: not measured yet"
     holds = a[0] > b[0] if higher else a[0] < b[0]
     spread = (" — equal" if a[0] == b[0] else " — within the seeds' spread" if abs(a[0] - b[0]) < max(a[1], b[1])
               else "")
+    verdict = "not shown" if spread else "yes" if holds else "no"
     na, nb = (f"{n} " if n else "" for n in names)
-    return f"- {text}: **{'yes' if holds else 'no'}** ({na}{a[0]:.2f}{unit} vs {nb}{b[0]:.2f}{unit}{spread})"
+    return f"- {text}: **{verdict}** ({na}{a[0]:.2f}{unit} vs {nb}{b[0]:.2f}{unit}{spread})"

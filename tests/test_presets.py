@@ -18,6 +18,7 @@ from lwat.paper.table4 import STANDARDIZED_EPS
 from lwat.presets import (
     PRESETS, SCALES, DataSource, data_identity, data_label, estimate_cpu_seconds, list_presets, resolve_data, toy_config,
 )
+from lwat.render import claim
 from lwat.reproduce import find_run, index_runs, reproduce, run_key
 from lwat.train import train
 
@@ -80,9 +81,20 @@ def test_report_numbers_and_claims_are_those_of_the_run_files(smoke_out):
     row = [acc[d] for d in VGG16_POOL_BN_DEPTHS] + [acc["baseline"]]
     assert "| ours | " + " | ".join(f"{a:.1f}" for a in row) + " |" in section
     for k, depth in enumerate(VGG16_POOL_BN_DEPTHS, 1):
-        verdict = "yes" if acc[depth] > acc["baseline"] else "no"
+        verdict = "not shown" if acc[depth] == acc["baseline"] else "yes" if acc[depth] > acc["baseline"] else "no"
         assert f"- pool{k} beats the baseline: **{verdict}** (pool{k} {acc[depth]:.2f}% vs baseline " \
                f"{acc['baseline']:.2f}%" in section
+
+
+def test_a_claim_within_the_seeds_spread_is_not_shown_either_way():
+    # (mean, std, n): 1.0 apart with stds 0.5 and 0.4 holds; 0.3 apart with a std of 4.2 does not, either way.
+    assert claim("a beats b", (60.0, 0.5, 3), (59.0, 0.4, 3)) == "- a beats b: **yes** (60.00% vs 59.00%)"
+    assert claim("a beats b", (58.0, 0.5, 3), (59.0, 0.4, 3)) == "- a beats b: **no** (58.00% vs 59.00%)"
+    assert claim("a below b", (58.0, 0.5, 3), (59.0, 0.4, 3), higher=False).startswith("- a below b: **yes**")
+    for a in (59.8, 59.2):
+        assert claim("a beats b", (a, 0.9, 3), (59.5, 4.2, 3), names=("a", "b")) == \
+            f"- a beats b: **not shown** (a {a:.2f}% vs b 59.50% — within the seeds' spread)"
+    assert claim("a beats b", (59.5, 0.0, 1), (59.5, 0.0, 1)) == "- a beats b: **not shown** (59.50% vs 59.50% — equal)"
 
 
 def test_an_analysis_of_an_older_version_is_kept_until_it_can_be_computed_again(smoke_out, tmp_path):

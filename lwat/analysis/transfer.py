@@ -45,7 +45,8 @@ def from_runs(runs: list, *, test, device="cpu", target=None, **options) -> dict
     """`compute` with the runs' models as sources and `target`'s as the classifier (`lwat.analysis.runs`)."""
     if target is None:
         raise ValueError("analyze transfer: give --target RUN (the model that classifies)")
-    return compute({label: load_run(run.dir, device)[0] for label, run in runs}, load_run(target.dir, device)[0], *test, **options)
+    sources = {label: load_run(run.dir, device)[0] for label, run in runs}
+    return compute(sources, load_run(target.dir, device)[0], *test, **options)
 
 
 def to_rows(result: dict) -> list[dict]:

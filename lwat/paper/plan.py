@@ -245,7 +245,8 @@ def vgg_noaug(plan: Plan, data: DataSource, seeds: int, device: str, group: str,
     # every training image where the scale's protocol takes a subset (Table 5 at cpu scale): named apart
     all_images = defaults.get("train_subset") is not None and fields["train_subset"] is None
     stem = "-".join(["vgg-noaug", data.key] + (["all"] if all_images else []) + [fields["method"]]
-                    + (["dropout"] if fields.get("dropout") else []) + ([f"depth{fields['depth']}"] if fields.get("depth") else []))
+                    + (["dropout"] if fields.get("dropout") else [])
+                    + ([f"depth{fields['depth']}"] if fields.get("depth") else []))
     plan.add(group, data, seeds, stem=stem, **fields)
 
 
