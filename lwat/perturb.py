@@ -273,7 +273,7 @@ class _Point(nn.Module):
                 out = out.requires_grad_().clone()  # Eq. 5 marks its input dirty, which a leaf cannot be
             out = _Eq5.apply(out if in_place or handle.perturb else out.clone(), state.flat if compiling else None,
                              state.scale if compiling else None, handle._loss_scale,
-                             handle._eps if compiling else handle.eps, handle.scale, handle.direction, state.layout,
+                             handle._eps if compiling else None, handle.scale, handle.direction, state.layout,
                              None if compiling else state, compiling and _compile.may_overflow(handle, out))
         return out
 
@@ -371,7 +371,7 @@ class _Eq5(torch.autograd.Function):
     def forward(ctx, out, signs, scale, loss_scale, eps, scale_kind, direction, layout, state, may_overflow):
         # Compiled (state None), the cache comes as tensors, the signs as the flat 1-D cache: under inductor, a 4-D
         # input mutated in the backward may be layout-converted in the forward and the mutation lost (torch 2.13;
-        # see _compile). Eager, the point's _State comes instead (signs and scale None): the backward writes the
+        # see _compile). Eager, the point's _State comes instead (signs, scale, eps None): the backward writes the
         # cache the point holds then, which kernels="compiled" replaces with a new tensor each backward.
         ctx.cache = signs, scale, loss_scale, eps, scale_kind, direction, layout, state, may_overflow
         ctx.made = None if state is None else state.made
@@ -394,6 +394,7 @@ class _Eq5(torch.autograd.Function):
                 # signs belong to none (the eager code wrote them into the replaced cache, read by nothing).
                 return g, None, None, None, None, None, None, None, None, None
             signs, scale = state.signs, state.scale
+            eps = state.handle.eps  # as set when this backward runs, which is when a compiled graph reads it too
             grad_scale = state.handle.grad_scale  # the loss scale set for this backward, None without a GradScaler
             guard = grad_scale is not None
             if state.handle.kernels == "compiled" and direction == "gradient":
@@ -459,7 +460,8 @@ class Handle:
     """What `attach` returns: the points, their cache, and the switches of the method.
 
     `eps`, `scale`, `direction` and `kernels` may be changed between steps (`handle.eps = 20`, a schedule); a
-    value `attach` would refuse is refused here too, with the same ValueError.
+    value `attach` would refuse is refused here too, with the same ValueError. Eq. 5 reads eps when the backward
+    runs (eager and compiled alike): an eps set between a forward and its backward makes that backward's eps_l.
     """
 
     def __setattr__(self, name, value):

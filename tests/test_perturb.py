@@ -762,6 +762,28 @@ def test_compiled_eps_schedule_equals_eager_and_compiles_nothing_again(scale, de
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_eps_set_between_forward_and_backward_makes_that_backwards_eps_l(compiled, device):
+    """Eq. 5 reads eps when the backward runs, eager and compiled alike. Reference by hand: with the loss
+    sum(a * w) at a BatchNorm's output a, dJ/da = w, so eps_l = eps * (max(w) - min(w)) and r_l = sign(w)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).to(device)
+    handle = lwat.attach(nn.Sequential(bn), 1.0)
+    model = torch.compile(handle._model, backend="aot_eager") if compiled else handle._model
+    x = torch.randn(4, 3, 5, 5, device=device)
+    w = torch.randn(4, 3, 5, 5, device=device)
+    w[0, 0, 0, 0] = 0.0  # sign 0 stays 0
+    for eps in (2.0, 3.5):  # the first step sizes the cache under compile; both refresh it
+        out = model(x)
+        handle.eps = eps
+        (out * w).sum().backward()
+        cache = handle.state_dict()["0"]
+        assert torch.equal(cache["signs"], torch.sign(w).to(torch.int8))
+        torch.testing.assert_close(cache["scale"], eps * (w.max() - w.min()), rtol=1e-6, atol=0)
+    torch._dynamo.reset()
+
+
 def test_compiled_model_that_cannot_run_on_meta_warns_and_stays_exact(device):
     torch._dynamo.reset()
     torch.manual_seed(0)
