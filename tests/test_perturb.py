@@ -768,9 +768,9 @@ def test_eps_set_between_forward_and_backward_makes_that_backwards_eps_l(compile
     sum(a * w) at a BatchNorm's output a, dJ/da = w, so eps_l = eps * (max(w) - min(w)) and r_l = sign(w)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    bn = nn.BatchNorm2d(3).to(device)
-    handle = lwat.attach(nn.Sequential(bn), 1.0)
-    model = torch.compile(handle._model, backend="aot_eager") if compiled else handle._model
+    net = nn.Sequential(nn.BatchNorm2d(3)).to(device)
+    handle = lwat.attach(net, 1.0)
+    model = torch.compile(net, backend="aot_eager") if compiled else net
     x = torch.randn(4, 3, 5, 5, device=device)
     w = torch.randn(4, 3, 5, 5, device=device)
     w[0, 0, 0, 0] = 0.0  # sign 0 stays 0
