@@ -1,7 +1,7 @@
 """Benchmark: training-step time of baseline, lat and fgsm side by side, eager or compiled, fp32 or bf16.
 
 For each model, batch size, mode (eager; eager with lat's compiled kernels, `attach(kernels="compiled")`;
-torch.compile) and precision (--amp off / bf16 / fp16), three
+eager with those and each BatchNorm point compiled with them, `attach(kernels="fused")`; torch.compile) and precision (--amp off / bf16 / fp16), three
 models with the same weights (baseline, lat = lwat.attach, fgsm), the data loader and a second copy of the
 baseline take turns, step for step, in one process, in an order that rotates each round (benchmarks/race.py), so
 drift in machine speed hits all alike. Each step is the trainer's own: the method's
@@ -18,7 +18,8 @@ the forward reads 1 byte of cached signs, and the backward reads the gradient on
 bf16) and writes 1 byte of signs; those bytes over this machine's copy bandwidth (the best of a few copies of
 a buffer as large as all the points' activations, bytes read + written per second), added to the baseline
 step: floor = 1 + bytes / bandwidth / fastest baseline step. An eager pass cannot fuse Eq. 6 into the kernel that
-makes the activation, so it also reads and writes the activation once: the "eager floor" (eager rows only) adds
+makes the activation, so it also reads and writes the activation once: the "eager floor" (eager rows that run
+the model's own kernels, so not eager-fused, whose BatchNorm kernels make the perturbed activation) adds
 those bytes (14 per element in fp32, 8 in bf16, against the floor's 6 and 4). Both count one read of the gradient
 for Eq. 5's range and signs together, as one fused pass does (aten's aminmax and sign read it twice).
 
@@ -26,7 +27,7 @@ for Eq. 5's range and signs together, as one fused pass does (aten's aminmax and
     python benchmarks/step_overhead.py --device cuda --batch-size 128 512 --steps 50
     python benchmarks/step_overhead.py --models resnet20 --modes eager --amp off --steps 5   # a quick check
     python benchmarks/step_overhead.py --compile-backend aot_eager    # compiled without inductor's C++ build
-    python benchmarks/step_overhead.py --modes eager eager-kernels --amp off   # lat's two eager kernel choices
+    python benchmarks/step_overhead.py --modes eager eager-kernels eager-fused --amp off   # lat's eager kernels
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ from lwat.train import make_passes
 from race import race
 
 METHODS = ("baseline", "lat", "fgsm")
-MODES = {"eager": "eager", "eager-kernels": "eager, kernels=compiled", "compiled": "compiled ({backend})"}
+MODES = {"eager": "eager", "eager-kernels": "eager, kernels=compiled", "eager-fused": "eager, kernels=fused",
+         "compiled": "compiled ({backend})"}
+KERNELS = {"eager-kernels": "compiled", "eager-fused": "fused"}  # attach(kernels=...) of a mode; else "aten"
 CIFAR_TRAIN = 50_000  # images in a CIFAR-10 training epoch
 
 
@@ -118,7 +121,7 @@ def bench(name, width, batch, device, steps, warmup, mode, amp, eps, channels_la
     options = {"width": width} if width != 1.0 else {}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     base = build_model(name, 10, **options).to(device, memory_format=fmt)
-    cfg = TrainConfig(eps=eps, compile=mode == "compiled", kernels="compiled" if mode == "eager-kernels" else "aten")
+    cfg = TrainConfig(eps=eps, compile=mode == "compiled", kernels=KERNELS.get(mode, "aten"))
     x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     runs, handles = {}, {}
@@ -151,7 +154,7 @@ def bench(name, width, batch, device, steps, warmup, mode, amp, eps, channels_la
         "lat/baseline": ms["lat"] / ms["baseline"], "lat/baseline (min)": best["lat"] / best["baseline"],
         "A/A": ms["baseline again"] / ms["baseline"],
         "floor": 1 + 1e3 * floor_s / best["baseline"],
-        "eager floor": "—" if mode == "compiled" else 1 + 1e3 * eager_floor_s / best["baseline"],  # eager only
+        "eager floor": "—" if mode in ("compiled", "eager-fused") else 1 + 1e3 * eager_floor_s / best["baseline"],  # eager only
         "fgsm/baseline": ms["fgsm"] / ms["baseline"],
         "lat/baseline memory": memory["lat"] / max(memory["baseline"], 1),
         "cache B/elem": cache_bytes / elements,
@@ -167,9 +170,10 @@ def main():
     parser.add_argument("--batch-size", type=int, nargs="+", default=[128], help="e.g. 128 512")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=3,
-                        help="untimed steps first (compilation: step 1 makes lat's sinks, step 2 compiles whole)")
+                        help="untimed steps first (compilation: torch.compile's on steps 1-2, lat's kernels' on 1)")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=list(MODES),
-                        help="eager; eager-kernels: eager with attach(kernels='compiled'); compiled: torch.compile")
+                        help="eager; eager-kernels: eager with attach(kernels='compiled'); eager-fused: eager with "
+                             "attach(kernels='fused'); compiled: torch.compile")
     parser.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=AMPS, help="precisions to compare")
     parser.add_argument("--eps", type=float, default=10.0, help="range-scaled eps (the cost does not depend on it)")
     parser.add_argument("--channels-last", action="store_true")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import types
 import warnings
 
 import torch
@@ -138,6 +139,75 @@ def eq6(out: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor) -> None:
 def eq5(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(int8 sign(g), min(g), max(g)) of a dense 1-D g, in one compiled pass."""
     return _run(_eq5_kernel, g)
+
+
+# ---- attach(kernels="fused"): at a BatchNorm point, the BatchNorm itself joins the two kernels ---------------------
+# Eager, Eq. 6 cannot be fused into the kernel that makes the activation, so it reads and writes the activation
+# once more (README "Cost": the eager floor). At a BatchNorm in train mode, lwat instead runs the BatchNorm's
+# forward with Eq. 6 as one compiled function (two loops: the per-channel statistics, then the normalization,
+# affine and perturbation in one pass), and its backward with Eq. 5 as another (the per-channel sums with g's min
+# and max, then the input gradient with the signs). They compute what torch's BatchNorm computes (the batch's
+# mean and biased variance normalize; the unbiased variance updates running_var), in fp32 for fp16 and bf16
+# inputs, rounded differently: equal to the aten path within float rounding, not bit for bit.
+
+def _bn_forward(x, weight, bias, running_mean, running_var, signs, scale, momentum: float, eps: float):
+    acc = torch.promote_types(x.dtype, torch.float32)
+    dims, channel = _bn_dims(x)
+    var, mean = torch.var_mean(x.to(acc), dims, correction=0)
+    n = x.numel() // x.shape[1]
+    running_mean.copy_(running_mean * (1 - momentum) + mean * momentum)
+    running_var.copy_(running_var * (1 - momentum) + var * (momentum * n / (n - 1)))
+    invstd = torch.rsqrt(var + eps)
+    y = (x.to(acc) - mean.view(channel)) * (invstd * weight).view(channel) + bias.view(channel)
+    if signs is not None:
+        y = y + signs.to(acc) * scale  # Eq. 6
+    return y.to(x.dtype), mean, invstd
+
+
+def _bn_backward(g, x, weight, mean, invstd, capture: bool):
+    acc = torch.promote_types(x.dtype, torch.float32)
+    dims, channel = _bn_dims(x)
+    n = x.numel() // x.shape[1]
+    xhat = (x.to(acc) - mean.view(channel)) * invstd.view(channel)
+    g32 = g.to(acc)
+    grad_bias, grad_weight = g32.sum(dims), (g32 * xhat).sum(dims)
+    grad_x = (invstd * weight).view(channel) * (g32 - (grad_bias / n).view(channel) - xhat * (grad_weight / n).view(channel))
+    grads = grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
+    if not capture:
+        return *grads, None, None, None
+    # Eq. 5: per channel first, so the range joins the sums' loop (one pass over g); min and max are exact.
+    return *grads, torch.sign(g).to(torch.int8), g.amin(dims).amin(), g.amax(dims).amax()
+
+
+def _bn_dims(x: torch.Tensor) -> tuple[list[int], list[int]]:
+    # The dimensions a BatchNorm reduces over (all but the channels), and the shape that broadcasts a per-channel
+    # vector against x.
+    return [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+
+
+@functools.cache
+def _bn_kernels(shape: tuple[int, ...]) -> tuple:
+    """The two BatchNorm kernels compiled for activations of this shape (batch size aside): each shape gets copies
+    of the functions' code, so dynamo compiles each shape's kernels with static sizes (the fastest: with every
+    size dynamic, a ResNet-20 step was ~4% slower), and the shapes of a net do not count against dynamo's limit
+    of 8 recompiles of one function. A second batch size (an epoch's last batch) compiles one graph more, dynamic
+    in the batch size only (dynamo's automatic dynamic shapes)."""
+    def compiled(f):
+        return torch.compile(types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__))
+    return compiled(_bn_forward), compiled(_bn_backward)
+
+
+def bn_forward(x, weight, bias, running_mean, running_var, signs, scale, momentum: float, eps: float):
+    """A BatchNorm's train-mode forward (running statistics updated in place) plus signs * scale where signs are
+    given: (y, mean, 1 / std) in one compiled function."""
+    return _run(_bn_kernels(tuple(x.shape[1:]))[0], x, weight, bias, running_mean, running_var, signs, scale,
+                momentum, eps)
+
+
+def bn_backward(g, x, weight, mean, invstd, capture: bool):
+    """The BatchNorm's backward: (grad x, grad weight, grad bias), then, where `capture`, Eq. 5's (int8 sign(g),
+    min(g), max(g)), else three None; one compiled function."""
+    return _run(_bn_kernels(tuple(x.shape[1:]))[1], g, x, weight, mean, invstd, capture)
 
 
 def _run(kernel, *tensors):

@@ -71,7 +71,9 @@ from torch import nn
 from lwat import _compile
 
 SCALES = ("range", "fixed")
-KERNELS = ("aten", "compiled")  # eager mode's Eq. 5 / Eq. 6: aten ops, or two torch.compile'd one-pass kernels
+# Eager mode's Eq. 5 / Eq. 6: aten ops; two torch.compile'd one-pass kernels; or those, with each BatchNorm point's
+# BatchNorm compiled together with them (lwat/_compile.py).
+KERNELS = ("aten", "compiled", "fused")
 DIRECTIONS = ("gradient", "random")  # "random": random signs, same eps_l (a control experiment)
 _CHOICES = {"scale": SCALES, "direction": DIRECTIONS, "kernels": KERNELS}
 _SETTINGS = ("eps", *_CHOICES)  # what a handle checks whenever it is set (`_setting`)
@@ -109,8 +111,12 @@ def attach(
             memory each) or "compiled" (one torch.compile'd pass each; compiled on the first training step,
             a few seconds, and again for another dtype; needs what torch.compile needs, a C++ compiler on
             the CPU). The same numbers bit for bit (tested in fp32, fp64 and under bf16 autocast); README
-            "Cost" measures the speed. Under torch.compile of the model it changes nothing: the compiled
-            step fuses the method into its own kernels.
+            "Cost" measures the speed. "fused": as "compiled", and at a BatchNorm point (torch's BatchNorm1d,
+            2d or 3d in train mode, with affine weights, running statistics and a momentum) the BatchNorm's
+            forward with Eq. 6 and its backward with Eq. 5 as one compiled function each, so the method
+            costs no pass of its own there (compiled once per activation shape); the BatchNorm's numbers
+            then equal torch's within float rounding, not bit for bit. Under torch.compile of the model the
+            kernels change nothing: the compiled step fuses the method into its own kernels.
 
     Returns:
         A `Handle`: `.points`, `.state_dict()`, `.load_state_dict()`, `.paused()`, `.detach()`; its `.eps`,
@@ -197,6 +203,10 @@ def select_points(model: nn.Module, points: PointSelector = None) -> list[str]:
 _OUTPUT_NOT_SAVED = (nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd, nn.Linear)
 
 
+# The BatchNorms kernels="fused" runs as compiled kernels: torch's own classes only (not SyncBatchNorm, not a subclass).
+_FUSABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def _output_not_saved(cls: type) -> bool:
     return issubclass(cls, _OUTPUT_NOT_SAVED) and cls.forward.__module__.startswith("torch.nn.modules.")
 
@@ -234,9 +244,11 @@ class _Point(nn.Module):
     """Mixin placed in front of a point's own class: its forward, then Eq. 6 (and Eq. 5 in backward)."""
 
     def forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
         state = self._lwat
         handle = state.handle
+        if self._lwat_batch_norm and handle.kernels == "fused" and _fusable(self, state, args, kwargs):
+            return _fused_batch_norm(self, state, args[0])  # the BatchNorm, Eq. 6 and Eq. 5 as two compiled kernels
+        out = super().forward(*args, **kwargs)
         if not isinstance(out, torch.Tensor):
             name = type(self).__name__.removeprefix("Perturbed")
             raise TypeError(f"lwat: a perturbation point must return one tensor; {name} returns "
@@ -259,7 +271,7 @@ class _Point(nn.Module):
         full = n == state.signs.shape[0]
         compiling = _compile.is_compiling()  # then the graph gets the flat cache, and no Python state
         if handle.perturb:  # a smaller batch uses the first n rows of the signs
-            if (handle.kernels == "compiled" and in_place and not compiling
+            if (handle.kernels != "aten" and in_place and not compiling
                     and out.is_contiguous(memory_format=state.layout)):  # one compiled pass (lwat/_compile.py)
                 _compile.eq6(_flat(out, state.layout), state.flat[:out.numel()].detach(),
                              state.scale.to(out.dtype))  # Eq. 6
@@ -297,7 +309,8 @@ def _unwrapped(cls: type, attached: type, plain: type) -> type:
 def _point_class(cls: type) -> type:
     # One subclass per module class, reused, so compiled graphs are shared between instances.
     return type(f"Perturbed{cls.__name__}", (_Point, cls),
-                {"__module__": cls.__module__, "_lwat_in_place": _output_not_saved(cls)})
+                {"__module__": cls.__module__, "_lwat_in_place": _output_not_saved(cls),
+                 "_lwat_batch_norm": cls in _FUSABLE})
 
 
 def _fits(signs: torch.Tensor | None, shape: torch.Size, device: torch.device) -> bool:
@@ -389,19 +402,15 @@ class _Eq5(torch.autograd.Function):
             grad_scale, guard = loss_scale, may_overflow
             signs = _unflatten(signs, g.shape, layout)
         else:
-            if state.made != ctx.made or state.signs is None:
-                # Another cache was made since this forward (reset, load_state_dict, a new shape): this gradient's
-                # signs belong to none (the eager code wrote them into the replaced cache, read by nothing).
+            cache = _eager_cache(state, ctx.made)
+            if cache is None:
                 return g, None, None, None, None, None, None, None, None, None
-            signs, scale = state.signs, state.scale
-            eps = state.handle.eps  # as set when this backward runs, which is when a compiled graph reads it too
-            grad_scale = state.handle.grad_scale  # the loss scale set for this backward, None without a GradScaler
-            guard = grad_scale is not None
-            if state.handle.kernels == "compiled" and direction == "gradient":
+            signs, scale, eps, grad_scale, guard = cache
+            if state.handle.kernels != "aten" and direction == "gradient":
                 g_layout = _layout(g)
                 fused = g_layout if g.is_contiguous(memory_format=g_layout) else None
         with torch.no_grad():
-            new_signs = _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction, fused)
+            new_signs = _cache_gradient(g, signs, scale, eps, grad_scale, guard, scale_kind, direction, fused)
             if fused is not None:
                 _keep(state, new_signs)
             else:
@@ -409,7 +418,17 @@ class _Eq5(torch.autograd.Function):
         return g, None, None, None, None, None, None, None, None, None
 
 
-def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, direction, fused=None):
+def _eager_cache(state: _State, made: int):
+    # What an eager backward writes Eq. 5 into: the point's cache and settings as they are when it runs (eps too,
+    # as a compiled graph reads it then), or None where another cache was made since its forward (reset,
+    # load_state_dict, a new shape): that gradient's signs belong to no cache.
+    if state.made != made or state.signs is None:
+        return None
+    grad_scale = state.handle.grad_scale  # the loss scale set for this backward, None without a GradScaler
+    return state.signs, state.scale, state.handle.eps, grad_scale, grad_scale is not None
+
+
+def _cache_gradient(g, signs, scale, eps, grad_scale, guard, scale_kind, direction, fused=None):
     # Eq. 5, with g = dJ/da at this point: eps_l written over the cache's scale in place, r_l = sign(g) returned
     # for the caller to store; `fused`, g's layout (eager, kernels="compiled"; g dense): one compiled pass, int8.
     if fused is not None:
@@ -427,6 +446,12 @@ def _cache_gradient(g, signs, scale, grad_scale, guard, eps, scale_kind, directi
             new_signs = torch.randint_like(signs, 0, 2).mul_(2).sub_(1)
         else:
             new_signs = torch.sign(g)
+    return _eq5_scale(new_signs, lo, hi, signs, scale, eps, grad_scale, guard, scale_kind)
+
+
+def _eq5_scale(new_signs, lo, hi, signs, scale, eps, grad_scale, guard, scale_kind):
+    # eps_l from the gradient's min `lo` and max `hi`, written over the cache's scale in place; returns the signs
+    # to store: `new_signs`, or the cache's own `signs` where the guard finds the range not finite.
     spread = hi.float() - lo.float()  # fp32: an fp16 range can overflow
     if scale_kind == "range":
         new_scale = spread * eps  # eps_l = eps * (M - m), appendix
@@ -452,6 +477,60 @@ def _keep(state: _State, new: torch.Tensor) -> None:
         state.signs, state.flat = new, _flat(new, state.layout)
     else:
         state.signs.copy_(new)
+
+
+# ---- kernels="fused": a BatchNorm point as two compiled kernels -------------------------------------------
+
+def _fusable(bn: nn.Module, state: _State, args, kwargs) -> bool:
+    # Whether this pass of a BatchNorm point runs as lwat/_compile.py's BatchNorm kernels: a train-mode BatchNorm
+    # with what they assume (affine, running statistics, a momentum), one floating input, an eager pass that
+    # perturbs or captures gradient signs, and a gradient to capture. Any other pass runs the eager point code.
+    x = args[0] if len(args) == 1 and not kwargs else None
+    handle = state.handle
+    return (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2 and x.numel() > x.shape[1]
+            and bn.training and bn.affine and bn.track_running_stats and bn.momentum is not None
+            and bn.running_mean is not None and handle.direction == "gradient" and handle._sizing is None
+            and not _compile.is_compiling() and torch.is_grad_enabled() and (x.requires_grad or bn.weight.requires_grad)
+            and (handle.perturb or handle.capture) and (handle.capture or _fits(state.signs, x.shape, x.device)))
+
+
+def _fused_batch_norm(bn: nn.Module, state: _State, x: torch.Tensor) -> torch.Tensor:
+    # The eager point's rules (lwat/perturb.py's _Point), with the BatchNorm and Eq. 6 in one compiled forward.
+    bn._check_input_dim(x)
+    if not _fits(state.signs, x.shape, x.device):  # a new cache, eps_l 0: this pass adds nothing
+        _fit_cache(state, x, x.device, _layout(x))
+    n, handle = x.shape[0], state.handle
+    full = n == state.signs.shape[0]
+    # Detached: not a view (the first cache is one, later ones not), so the kernel does not guard on a view's base.
+    signs = (state.signs if full else state.signs[:n]).detach() if handle.perturb else None
+    bn.num_batches_tracked.add_(1)  # as torch's BatchNorm counts its train-mode passes
+    return _BatchNormEq56.apply(x, bn.weight, bn.bias, bn, signs, state.scale,
+                                state if handle.capture and full else None)  # smaller batches never capture
+
+
+class _BatchNormEq56(torch.autograd.Function):
+    """A train-mode BatchNorm with Eq. 6 (where signs are given) in one compiled forward; in backward, its
+    gradients with Eq. 5 into the point's cache (where a _State is given) in one compiled backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn, signs, scale, state):
+        y, mean, invstd = _compile.bn_forward(x, weight, bias, bn.running_mean, bn.running_var, signs, scale,
+                                              bn.momentum, bn.eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.state = state
+        ctx.made, ctx.scale_kind = (None, None) if state is None else (state.made, state.handle.scale)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight, mean, invstd = ctx.saved_tensors
+        cache = None if ctx.state is None else _eager_cache(ctx.state, ctx.made)
+        grad_x, grad_weight, grad_bias, new_signs, lo, hi = _compile.bn_backward(g, x, weight, mean, invstd,
+                                                                                 cache is not None)
+        if cache is not None:
+            _keep(ctx.state, _eq5_scale(new_signs, lo, hi, *cache, ctx.scale_kind))
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 # ---- The handle ------------------------------------------------------------------------------------

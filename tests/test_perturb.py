@@ -124,7 +124,7 @@ def lwat_run(model, data, eps, scale, lr=0.1, **kw):
     return model, handle, [sgd_step(model, opt, x, y) for x, y in data]
 
 
-@pytest.mark.parametrize("kernels", ["aten", "compiled"])
+@pytest.mark.parametrize("kernels", ["aten", "compiled", "fused"])
 @pytest.mark.parametrize("scale,eps", [("range", 10.0), ("fixed", 0.3)])
 @pytest.mark.parametrize("make,shape", [(conv_bn_net, (8, 3, 8, 8)), (tanh_mlp, (8, 12))])
 def test_algorithm1_matches_hand_written_reference(make, shape, scale, eps, kernels, device):
@@ -133,7 +133,8 @@ def test_algorithm1_matches_hand_written_reference(make, shape, scale, eps, kern
     data = batches(4, shape, device=device)
     model, handle, outs = lwat_run(net, data, eps, scale, kernels=kernels)
     ref_outs, ref_r, ref_eps = reference_run(net, handle.points, data, eps, scale)
-    assert torch.equal(outs[0], net(data[0][0]).detach())  # first batch: the plain model's output
+    plain = net(data[0][0]).detach()  # first batch: the plain model's output (fused BatchNorm: within rounding)
+    assert torch.equal(outs[0], plain) if kernels != "fused" else torch.allclose(outs[0], plain, rtol=1e-5, atol=1e-6)
     for o, ro in zip(outs, ref_outs):
         torch.testing.assert_close(o, ro, rtol=1e-5, atol=1e-5)
     cache = handle.state_dict()
@@ -337,7 +338,7 @@ def test_layer_norm_points_match_the_reference(device):
     (dict(eps=1.0, depth=1.5), "depth must be in 1..3"),
     (dict(eps=1.0, depth=4), "depth must be in 1..3"),
     (dict(eps=1.0, direction="up"), "unknown direction"),
-    (dict(eps=1.0, kernels="fast"), "unknown kernels 'fast'; known: aten, compiled"),
+    (dict(eps=1.0, kernels="fast"), "unknown kernels 'fast'; known: aten, compiled, fused"),
     (dict(eps=1.0, points=nn.LayerNorm), "no perturbation point found in Nested: points=LayerNorm matches no module"),
     (dict(eps=1.0, points=lambda n, m: False), "points=the callable <lambda> matches no module"),
     (dict(eps=1.0, points="stem"), "points must be a non-empty list of module names"),
@@ -402,7 +403,7 @@ def test_caches_are_per_instance_and_signs_are_int8(device):
     assert not any(name.startswith("_lwat") for name, _ in a.named_buffers())
 
 
-@pytest.mark.parametrize("kernels", ["aten", "compiled"])
+@pytest.mark.parametrize("kernels", ["aten", "compiled", "fused"])
 def test_channels_last_cache_and_output(kernels, device):
     torch.manual_seed(0)
     net = conv_bn_net().to(device)
@@ -885,3 +886,70 @@ def test_points_after_frozen_layers_are_perturbed(device):
     assert torch.equal(cache["signs"].float(), torch.sign(g))
     torch.testing.assert_close(cache["scale"], 10.0 * (g.max() - g.min()))
     assert model[0].weight.grad is None  # the frozen layers still get no gradient
+
+
+def fused_net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 6, 3, padding=1, stride=2), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(6 * 3 * 3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fused_batch_norm_points_equal_torch_batch_norm_within_rounding(layout, monkeypatch, device):
+    """kernels="fused" runs each BatchNorm point of a train-mode pass as lwat/_compile.py's two BatchNorm kernels,
+    and computes what torch's BatchNorm and the aten Eq. 5 / Eq. 6 compute: outputs, parameters, running
+    statistics and the cache, within float rounding (the signs exactly), over full and smaller batches."""
+    from lwat import _compile
+    calls = {"bn_forward": 0, "bn_backward": 0}
+    for name in calls:
+        def counted(*args, _name=name, _kernel=getattr(_compile, name)):
+            calls[_name] += 1
+            return _kernel(*args)
+        monkeypatch.setattr(_compile, name, counted)
+    torch.manual_seed(0)
+    net = fused_net().to(device, memory_format=layout)
+    data = [(x.to(memory_format=layout), y) for x, y in batches(3, (8, 3, 6, 6), device=device)]
+    data += batches(1, (5, 3, 6, 6), seed=1, device=device)  # a smaller last batch: perturbed, captures nothing
+    m1, h1, outs1 = lwat_run(net, data, 10.0, "range")
+    m2, h2, outs2 = lwat_run(net, data, 10.0, "range", kernels="fused")
+    assert calls == {"bn_forward": 4 * 3, "bn_backward": 4 * 3}  # 4 steps, 3 points
+    assert h2.state_dict()["1"]["signs"].is_contiguous(memory_format=layout)
+    for o1, o2 in zip(outs1, outs2):
+        torch.testing.assert_close(o1, o2, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)  # running stats, counts too
+    for p in h1.points:
+        assert torch.equal(h1.state_dict()[p]["signs"], h2.state_dict()[p]["signs"])
+        torch.testing.assert_close(h1.state_dict()[p]["scale"], h2.state_dict()[p]["scale"])
+
+
+@pytest.mark.parametrize("bn", [dict(momentum=None), dict(affine=False), dict(track_running_stats=False)])
+def test_fused_leaves_other_batch_norms_to_the_compiled_kernels(bn, device):
+    """A BatchNorm the fused kernels do not cover (a cumulative average, no affine weights, no running statistics)
+    runs torch's BatchNorm with the compiled Eq. 5 / Eq. 6: bit for bit what kernels="compiled" computes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, **bn), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 6 * 6, 5)).to(device)
+    data = batches(3, (8, 3, 6, 6), device=device)
+    (m1, h1, outs1), (m2, h2, outs2) = (lwat_run(net, data, 10.0, "range", kernels=k) for k in ("compiled", "fused"))
+    assert all(torch.equal(o1, o2) for o1, o2 in zip(outs1, outs2))
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert torch.equal(h1.state_dict()["1"]["signs"], h2.state_dict()["1"]["signs"])
+
+
+def test_fused_kernels_compile_each_shape_apart_without_a_recompile_warning(caplog):
+    """Nine BatchNorm points of nine activation shapes (more than dynamo's 8 recompiles of one function): each
+    shape's kernels compile once, static, and none falls back to uncompiled code."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    widths = list(range(2, 12))
+    layers = [m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU())]
+    net = nn.Sequential(*layers, nn.Linear(widths[-1], 3))
+    lwat.attach(net, 10.0, kernels="fused")
+    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        for seed in range(2):
+            x, y = batches(1, (6, 2), classes=3, seed=seed)[0]
+            F.cross_entropy(net(x), y).backward()
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("torch._dynamo")]
+    assert counters["stats"]["unique_graphs"] == 2 * 9  # forward and backward per shape

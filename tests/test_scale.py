@@ -43,7 +43,7 @@ def test_amp_config_and_flags():
 def test_kernels_config_reaches_the_handle_and_not_the_run_key():
     from lwat.reproduce import run_key
     from lwat.train import build
-    with pytest.raises(ConfigError, match="kernels: unknown value 'fast'; known: aten, compiled"):
+    with pytest.raises(ConfigError, match="kernels: unknown value 'fast'; known: aten, compiled, fused"):
         TrainConfig(kernels="fast")
     args = make_parser().parse_args(["train", "--kernels", "compiled"])
     assert args.kernels == "compiled" and TrainConfig().kernels == "aten"
@@ -93,7 +93,7 @@ def test_grad_scaler_leaves_eps_l_signs_and_gradients_unchanged(method, device):
         torch.testing.assert_close(g1, g2)
 
 
-@pytest.mark.parametrize("kernels", ["aten", "compiled"])
+@pytest.mark.parametrize("kernels", ["aten", "compiled", "fused"])
 def test_skipped_fp16_step_keeps_the_cache(kernels, device):
     """An fp16 backward that overflows (the scaler skips the step) leaves the previous signs and eps_l."""
     torch.manual_seed(0)
