@@ -9,6 +9,9 @@ process, in a rotating order (benchmarks/race.py; forward, backward; no optimize
     baseline again   a second copy of it: its ratio to the first is this run's noise (A/A)
     lat              lwat.attach (the library), kernels="aten" (the default)
     lat, compiled    lwat.attach(..., kernels="compiled"): the library with its own compiled kernels
+    lat, fused       lwat.attach(..., kernels="fused"): each BatchNorm point as lwat's compiled BatchNorm kernels
+    BatchNorm compiled, no lat   the plain model with each BatchNorm run as those kernels, nothing perturbed or
+                     captured: how much of "lat, fused" is the compiled BatchNorm's own speed
     hooks: aten      a minimal Algorithm 1 made of hooks at the same points, with lwat's eager kernels
                      (Eq. 6: addcmul_ of the signs cast to fp32; Eq. 5: aminmax, then sign copied into int8)
     hooks: compiled  the same hooks calling lwat's two torch.compile'd kernels (lwat/_compile.py: Eq. 6 one
@@ -84,14 +87,44 @@ def hooked(model, eps, eq6, eq5, recorded=True):
     return model
 
 
+class CompiledBatchNorm(torch.autograd.Function):
+    """A train-mode BatchNorm as lwat's compiled BatchNorm kernels (lwat/_compile.py), with no signs added or
+    taken (its running-batch count is not kept: timing only)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn):
+        y, mean, invstd = _compile.bn_forward(x, weight, bias, bn.running_mean, bn.running_var, None, None,
+                                              bn.momentum, bn.eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_x, grad_weight, grad_bias, *_ = _compile.bn_backward(g, *ctx.saved_tensors, False)
+        return grad_x, grad_weight, grad_bias, None
+
+
+def compiled_batch_norm(model):
+    """`model` with each BatchNorm's train-mode forward and backward as CompiledBatchNorm."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            plain = m.forward
+            m.forward = lambda x, m=m, plain=plain: CompiledBatchNorm.apply(x, m.weight, m.bias, m) if m.training \
+                else plain(x)
+    return model
+
+
 def contenders(base, eps, compiled=True):
-    """The seven models of the race (four without the compiled kernels), copies of `base`."""
+    """The nine models of the race (four without the compiled kernels), copies of `base`."""
     models = {"baseline": base, "baseline again": copy.deepcopy(base), "lat": copy.deepcopy(base),
               "hooks: aten": hooked(copy.deepcopy(base), eps, aten_eq6, aten_eq5)}
     lwat.attach(models["lat"], eps)
     if compiled:
         models["lat, compiled"] = copy.deepcopy(base)
         lwat.attach(models["lat, compiled"], eps, kernels="compiled")
+        models["lat, fused"] = copy.deepcopy(base)
+        lwat.attach(models["lat, fused"], eps, kernels="fused")
+        models["BatchNorm compiled, no lat"] = compiled_batch_norm(copy.deepcopy(base))
         models["hooks: compiled"] = hooked(copy.deepcopy(base), eps, compiled_eq6, compiled_eq5)
         models["hooks: compiled, no_grad"] = hooked(copy.deepcopy(base), eps, compiled_eq6, compiled_eq5, False)
     return models

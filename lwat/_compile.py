@@ -20,8 +20,9 @@ do not; a compiled submodule of the attached module; a module that cannot run on
 is warned about) makes it with perturb.py's `_fit_cache`, a graph break at that point: correct, slower to
 compile.
 
-The end of the file holds the two kernels of `attach(kernels="compiled")`: Eq. 6 and Eq. 5 compiled for an
-eager model.
+The end of the file holds the kernels of an eager model's `attach(kernels="compiled")` (Eq. 6 and Eq. 5, one
+compiled pass each) and of `attach(kernels="fused")` (a BatchNorm point's forward with Eq. 6, its backward with
+Eq. 5).
 
 Torch APIs used: public ones (torch.compile, torch.compiler.is_compiling, torch.compiler.disable,
 torch.func.functional_call, the meta device) and two private ones, `torch.utils._pytree` (tree_leaves,
@@ -128,7 +129,7 @@ def _eq5_kernel(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 class KernelsError(RuntimeError):
-    """attach(kernels="compiled") cannot compile its kernels on this machine (no C++ compiler, ...)."""
+    """attach(kernels="compiled" or "fused") cannot compile its kernels on this machine (no C++ compiler, ...)."""
 
 
 def eq6(out: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor) -> None:
@@ -201,20 +202,21 @@ def bn_forward(x, weight, bias, running_mean, running_var, signs, scale, momentu
     """A BatchNorm's train-mode forward (running statistics updated in place) plus signs * scale where signs are
     given: (y, mean, 1 / std) in one compiled function."""
     return _run(_bn_kernels(tuple(x.shape[1:]))[0], x, weight, bias, running_mean, running_var, signs, scale,
-                momentum, eps)
+                momentum, eps, kernels="fused")
 
 
 def bn_backward(g, x, weight, mean, invstd, capture: bool):
     """The BatchNorm's backward: (grad x, grad weight, grad bias), then, where `capture`, Eq. 5's (int8 sign(g),
     min(g), max(g)), else three None; one compiled function."""
-    return _run(_bn_kernels(tuple(x.shape[1:]))[1], g, x, weight, mean, invstd, capture)
+    return _run(_bn_kernels(tuple(x.shape[1:]))[1], g, x, weight, mean, invstd, capture, kernels="fused")
 
 
-def _run(kernel, *tensors):
+def _run(kernel, *args, kernels="compiled"):
+    # A kernel of attach(kernels=...), unrecorded, autocast off; a compile error becomes one KernelsError line.
     try:
-        with torch.no_grad(), torch.autocast(tensors[0].device.type, enabled=False):
-            return kernel(*tensors)
+        with torch.no_grad(), torch.autocast(args[0].device.type, enabled=False):
+            return kernel(*args)
     except torch._dynamo.exc.BackendCompilerFailed as e:
         why = (str(e.inner_exception).strip().splitlines() or [""])[0]
-        raise KernelsError(f"kernels='compiled' cannot compile its kernels here ({type(e.inner_exception).__name__}: "
+        raise KernelsError(f"kernels={kernels!r} cannot compile its kernels here ({type(e.inner_exception).__name__}: "
                            f"{why}); use kernels='aten', the default") from e

@@ -26,6 +26,9 @@ How it is built, and why (each choice keeps torch.compile correct and the step c
   gradient kernels. The one thing a compiled graph cannot do is make the cache; `lwat/_compile.py`
   sizes it before dynamo traces a pass (one graph break, on the first compiled pass of each input
   shape). `loss.backward()` and `torch.autograd.grad(loss, ...)` both refresh the cache.
+- Eager, `kernels` chooses how Eq. 6 and Eq. 5 run: torch's ops, one compiled pass each, or ("fused")
+  at a BatchNorm point the BatchNorm's forward and Eq. 6 as one compiled function and its backward and
+  Eq. 5 as another (`_BatchNormEq56`), so that Eq. 6 needs no pass over the activation of its own.
 
 Rules worth knowing (tested in tests/test_perturb.py and tests/test_perturb_semantics.py):
 - Batch size: a smaller batch (the last one of an epoch without drop_last) is perturbed with the
@@ -237,7 +240,10 @@ _RESHAPED_WARN = 10  # warn once, at this many shape changes (each one costs the
 # 1 MiB slices that keep the fp32 temporaries in cache (6.8 and 7.9 ms) are faster alone but gained nothing
 # measurable in whole training steps. One torch.compile'd pass per job is faster alone and, called unrecorded,
 # in whole steps too: attach(kernels="compiled") (lwat/_compile.py; opt-in, as it compiles on the first steps and
-# needs a C++ compiler on the CPU). Under torch.compile of the model all of it fuses into the layers' own kernels.
+# needs a C++ compiler on the CPU). kernels="fused" also compiles each BatchNorm point's BatchNorm with them, so
+# Eq. 6 rides on the BatchNorm's own pass: ResNet-20 lat/baseline 1.05 and 1.02 against 1.13-1.14 with "aten" and
+# 1.11-1.12 with "compiled" (two runs each, step_overhead.py, Intel Xeon VM, 2026-12-06; README "Cost"). Under
+# torch.compile of the model all of it fuses into the layers' own kernels.
 
 
 class _Point(nn.Module):

@@ -259,6 +259,22 @@ def test_eager_kernels_benchmark_races_the_method(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_eager_kernels_benchmarks_compiled_batch_norm_is_torchs_within_rounding(monkeypatch):
+    """The race's "BatchNorm compiled, no lat" does the plain model's work: gradients and running statistics equal
+    the plain model's within float rounding."""
+    bench = benchmark("eager_kernels", monkeypatch)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    compiled = bench.compiled_batch_norm(copy.deepcopy(plain))
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    for model in (plain, compiled):
+        nn.functional.cross_entropy(model(x), y).backward()
+    for a, b in zip(plain.parameters(), compiled.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(plain[1].running_var, compiled[1].running_var)
+    assert not torch.equal(plain[1].running_var, torch.ones(4))  # a training pass ran
+
+
 def test_compiled_kernels_profile_splits_forward_and_backward(monkeypatch):
     """benchmarks/compiled_kernels.py counts inductor's kernels where they run: lat's signs (Eq. 5) are written by a
     kernel of the compiled backward, its addcmul (Eq. 6) by one of the forward, and the baseline has neither."""
