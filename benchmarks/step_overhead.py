@@ -1,7 +1,8 @@
 """Benchmark: training-step time of baseline, lat and fgsm side by side, eager or compiled, fp32 or bf16.
 
 For each model, batch size, mode (eager; eager with lat's compiled kernels, `attach(kernels="compiled")`;
-eager with those and each BatchNorm point compiled with them, `attach(kernels="fused")`; torch.compile) and precision (--amp off / bf16 / fp16), three
+eager with those and each BatchNorm point compiled with them, `attach(kernels="fused")`; torch.compile) and
+precision (--amp off / bf16 / fp16), three
 models with the same weights (baseline, lat = lwat.attach, fgsm), the data loader and a second copy of the
 baseline take turns, step for step, in one process, in an order that rotates each round (benchmarks/race.py), so
 drift in machine speed hits all alike. Each step is the trainer's own: the method's
@@ -154,7 +155,8 @@ def bench(name, width, batch, device, steps, warmup, mode, amp, eps, channels_la
         "lat/baseline": ms["lat"] / ms["baseline"], "lat/baseline (min)": best["lat"] / best["baseline"],
         "A/A": ms["baseline again"] / ms["baseline"],
         "floor": 1 + 1e3 * floor_s / best["baseline"],
-        "eager floor": "—" if mode in ("compiled", "eager-fused") else 1 + 1e3 * eager_floor_s / best["baseline"],  # eager only
+        # eager modes that run the model's own kernels only
+        "eager floor": "—" if mode in ("compiled", "eager-fused") else 1 + 1e3 * eager_floor_s / best["baseline"],
         "fgsm/baseline": ms["fgsm"] / ms["baseline"],
         "lat/baseline memory": memory["lat"] / max(memory["baseline"], 1),
         "cache B/elem": cache_bytes / elements,
