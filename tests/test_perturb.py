@@ -499,17 +499,23 @@ def test_compiled_kernels_cache_semantics_equal_aten(device):
         assert torch.equal(caches["aten"][p]["scale"], caches["compiled"][p]["scale"])
 
 
-def test_compiled_kernels_are_used_and_equal_aten_when_the_gradient_has_another_layout(monkeypatch, device):
-    """kernels="compiled" runs Eq. 6 and Eq. 5 through lwat/_compile.py's kernels at every point and step, and
-    computes exactly what the aten kernels compute, also where a channels-last activation gets a gradient in the
-    default layout (a flatten after it), so the new signs cannot simply become the cache."""
+def count_calls(monkeypatch, *names):
+    """Counts of calls of these lwat/_compile.py functions, which still run."""
     from lwat import _compile
-    calls = {"eq6": 0, "eq5": 0}
-    for name in calls:
+    calls = dict.fromkeys(names, 0)
+    for name in names:
         def counted(*args, _name=name, _kernel=getattr(_compile, name)):
             calls[_name] += 1
             return _kernel(*args)
         monkeypatch.setattr(_compile, name, counted)
+    return calls
+
+
+def test_compiled_kernels_are_used_and_equal_aten_when_the_gradient_has_another_layout(monkeypatch, device):
+    """kernels="compiled" runs Eq. 6 and Eq. 5 through lwat/_compile.py's kernels at every point and step, and
+    computes exactly what the aten kernels compute, also where a channels-last activation gets a gradient in the
+    default layout (a flatten after it), so the new signs cannot simply become the cache."""
+    calls = count_calls(monkeypatch, "eq6", "eq5")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.ReLU(),
                         nn.Linear(4 * 6 * 6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
@@ -904,13 +910,7 @@ def test_fused_batch_norm_points_equal_torch_batch_norm_within_rounding(layout, 
     """kernels="fused" runs each BatchNorm point of a train-mode pass as lwat/_compile.py's two BatchNorm kernels,
     and computes what torch's BatchNorm and the aten Eq. 5 / Eq. 6 compute: outputs, parameters, running
     statistics and the cache, within float rounding (the signs exactly), over full and smaller batches."""
-    from lwat import _compile
-    calls = {"bn_forward": 0, "bn_backward": 0}
-    for name in calls:
-        def counted(*args, _name=name, _kernel=getattr(_compile, name)):
-            calls[_name] += 1
-            return _kernel(*args)
-        monkeypatch.setattr(_compile, name, counted)
+    calls = count_calls(monkeypatch, "bn_forward", "bn_backward")
     torch.manual_seed(0)
     net = fused_net().to(device, memory_format=layout)
     data = [(x.to(memory_format=layout), y) for x, y in batches(3, (8, 3, 8, 8), device=device)]
