@@ -27,7 +27,7 @@ as it was.
 The hook versions skip lwat's bookkeeping (batch-size rules, GradScaler, torch.compile support), so they are
 the cheapest that either kernel choice can be; "hooks: aten" against "lat" is that bookkeeping's cost.
 
-    python benchmarks/eager_kernels.py --model resnet20 --steps 30 --threads 2
+    python benchmarks/eager_kernels.py --model resnet20 --steps 30 --threads 2 [--channels-last]
 """
 
 from __future__ import annotations
@@ -137,12 +137,14 @@ def main():
     parser.add_argument("--steps", type=int, default=30, help="timed steps per model (median and fastest reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--channels-last", action="store_true", help="model and input channels-last")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    models = contenders(build_model(args.model, 10), eps=10.0)
-    x = torch.randn(args.batch_size, 3, 32, 32)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    models = contenders(build_model(args.model, 10).to(memory_format=layout), eps=10.0)
+    x = torch.randn(args.batch_size, 3, 32, 32).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (args.batch_size,))
 
     def step(model):
@@ -151,7 +153,8 @@ def main():
     times = race({name: functools.partial(step, model) for name, model in models.items()}, args.steps, args.warmup)
     med = {name: statistics.median(t) for name, t in times.items()}
     best = {name: min(t) for name, t in times.items()}
-    print(f"\n{args.model}, batch {args.batch_size}, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    print(f"\n{args.model}, batch {args.batch_size}{', channels-last' if args.channels_last else ''}, CPU, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{args.steps} alternating steps (rotating order) after {args.warmup} warm-up\n")
     print("| model | median ms | fastest ms | / baseline (median) | / baseline (fastest) |\n|---|---|---|---|---|")
     for name in models:
