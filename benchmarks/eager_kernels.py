@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import lwat
 from lwat import _compile
 from lwat.models import build_model
+from lwat.perturb import _flat, _layout, _unflatten
 from race import race
 
 
@@ -58,12 +59,13 @@ def aten_eq5(g, signs, scale, eps):
 
 
 def compiled_eq6(out, signs, scale):
-    _compile._eq6_kernel(out.view(-1), signs.view(-1), scale)  # lwat's kernel, without its no_grad wrapper
+    # lwat's kernel, without its no_grad wrapper, on the tensors' memory (signs are in out's layout)
+    _compile._eq6_kernel(_flat(out, _layout(out)), _flat(signs, _layout(out)), scale)
 
 
 def compiled_eq5(g, signs, scale, eps):
-    flat, lo, hi = _compile.eq5(g.reshape(-1))  # lwat's kernel: new int8 signs, as lat keeps them
-    return flat.view(g.shape), (hi - lo) * eps
+    flat, lo, hi = _compile.eq5(_flat(g, _layout(g)))  # lwat's kernel: new int8 signs, as lat keeps them
+    return _unflatten(flat, g.shape, _layout(g)), (hi - lo) * eps
 
 
 def hooked(model, eps, eq6, eq5, recorded=True):
@@ -73,7 +75,7 @@ def hooked(model, eps, eq6, eq5, recorded=True):
         if not module.training:
             return out
         if not hasattr(module, "signs"):
-            module.signs = torch.zeros(out.shape, dtype=torch.int8)
+            module.signs = torch.zeros_like(out, dtype=torch.int8)  # in out's layout
             module.scale = torch.zeros(())
         with torch.set_grad_enabled(recorded and torch.is_grad_enabled()):
             eq6(out, module.signs, module.scale)
