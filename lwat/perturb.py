@@ -520,8 +520,10 @@ class _BatchNormEq56(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, bn, signs, scale, state):
-        y, mean, invstd = _compile.bn_forward(x, weight, bias, bn.running_mean, bn.running_var, signs, scale,
-                                              bn.momentum, bn.eps)
+        # The running statistics updated through .data, as torch's BatchNorm updates them: unversioned, so a
+        # backward of another pass that saved them (a joint loss's clean pass) still runs.
+        y, mean, invstd = _compile.bn_forward(x, weight, bias, bn.running_mean.data, bn.running_var.data, signs,
+                                              scale, bn.momentum, bn.eps)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.state = state
         ctx.made, ctx.scale_kind = (None, None) if state is None else (state.made, state.handle.scale)

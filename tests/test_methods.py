@@ -156,16 +156,18 @@ def test_fgsm_inter_and_lat_joint_by_hand(device):
     assert method.passes == 2 and get_method("lat").passes == 1
 
 
-def test_lat_joint_is_eq3_with_the_previous_batch_signs(device):
+@pytest.mark.parametrize("kernels", ["aten", "fused"])
+def test_lat_joint_is_eq3_with_the_previous_batch_signs(kernels, device):
     """Ours-joint by hand: alpha J(x_t) + (1 - alpha) J(x_t with a_l + eps_l sign(g_l) at every point), g_l the
-    gradient cached at batch t-1 of that step's joint loss: (1 - alpha) dJ/da_l, so eps_l = eps (M - m) of it."""
+    gradient cached at batch t-1 of that step's joint loss: (1 - alpha) dJ/da_l, so eps_l = eps (M - m) of it.
+    kernels="fused": the clean pass runs torch's BatchNorm and the perturbed one lwat's, in one graph."""
     torch.manual_seed(0)
     net = small_net().to(device)
     (x1, y1), (x2, y2) = data(device, seed=0), data(device, seed=1)
     cfg = TrainConfig(method="lat-joint", alpha=0.3, eps=10.0)
     model = copy.deepcopy(net)
     method = get_method("lat-joint")
-    handle = lwat.attach(model, cfg.eps)
+    handle = lwat.attach(model, cfg.eps, kernels=kernels)
     method.step(model, handle, x1, y1, cfg)  # batch t-1: fills the cache
     for p in model.parameters():
         p.grad = None
