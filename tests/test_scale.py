@@ -280,21 +280,23 @@ def test_compiled_kernels_profile_splits_forward_and_backward(monkeypatch):
     kernel of the compiled backward, its addcmul (Eq. 6) by one of the forward, and the baseline has neither."""
     bench = benchmark("compiled_kernels", monkeypatch)
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.config.cpp, "enable_kernel_profile", True)
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
     x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
     kernels = {}
-    for name in ("baseline", "lat"):
-        model = copy.deepcopy(plain)
-        if name == "lat":
-            lwat.attach(model, 10.0)
-        compiled = torch.compile(model)
-        for _ in range(3):
-            nn.functional.cross_entropy(compiled(x), y).backward()
-        times = bench.profile(compiled, x, y, steps=1)
-        kernels[name] = {part: [k for k in counter if bench.FUSED in k] for part, counter in times.items()}
-        assert all(bench.summary(counter)[0] > 0 for counter in times.values())
+    # inductor's config.patch, not monkeypatch: monkeypatch's undo of a config entry left it hidden ("does not
+    # exist") for every later compile in the process
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        for name in ("baseline", "lat"):
+            model = copy.deepcopy(plain)
+            if name == "lat":
+                lwat.attach(model, 10.0)
+            compiled = torch.compile(model)
+            for _ in range(3):
+                nn.functional.cross_entropy(compiled(x), y).backward()
+            times = bench.profile(compiled, x, y, steps=1)
+            kernels[name] = {part: [k for k in counter if bench.FUSED in k] for part, counter in times.items()}
+            assert all(bench.summary(counter)[0] > 0 for counter in times.values())
     assert any("sign" in k for k in kernels["lat"]["backward"])
     assert any("addcmul" in k for k in kernels["lat"]["forward"])
     assert not any("sign" in k or "addcmul" in k for part in kernels["baseline"].values() for k in part)
