@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import lwat
 from lwat import _compile
 from lwat.models import build_model
-from lwat.perturb import _flat, _layout, _unflatten
+from lwat.perturb import _BatchNormEq56, _flat, _layout, _unflatten
 from race import race
 
 
@@ -89,30 +89,15 @@ def hooked(model, eps, eq6, eq5, recorded=True):
     return model
 
 
-class CompiledBatchNorm(torch.autograd.Function):
-    """A train-mode BatchNorm as lwat's compiled BatchNorm kernels (lwat/_compile.py), with no signs added or
-    taken (its running-batch count is not kept: timing only)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, bn):
-        y, mean, invstd = _compile.bn_forward(x, weight, bias, bn.running_mean, bn.running_var, None, None,
-                                              bn.momentum, bn.eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        grad_x, grad_weight, grad_bias, *_ = _compile.bn_backward(g, *ctx.saved_tensors, False)
-        return grad_x, grad_weight, grad_bias, None
-
-
 def compiled_batch_norm(model):
-    """`model` with each BatchNorm's train-mode forward and backward as CompiledBatchNorm."""
+    """`model` with each BatchNorm's train-mode forward and backward as lwat's fused BatchNorm with no signs given
+    and no cache to capture into: the compiled BatchNorm kernels alone (its running-batch count is not kept:
+    timing only)."""
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             plain = m.forward
-            m.forward = lambda x, m=m, plain=plain: CompiledBatchNorm.apply(x, m.weight, m.bias, m) if m.training \
-                else plain(x)
+            m.forward = lambda x, m=m, plain=plain: (_BatchNormEq56.apply(x, m.weight, m.bias, m, None, None, None)
+                                                     if m.training else plain(x))
     return model
 
 

@@ -191,9 +191,10 @@ def _bn_dims(x: torch.Tensor) -> tuple[list[int], list[int]]:
 def _bn_kernels(shape: tuple[int, ...]) -> tuple:
     """The two BatchNorm kernels compiled for activations of this shape (batch size aside): each shape gets copies
     of the functions' code, so dynamo compiles each shape's kernels with static sizes (the fastest: with every
-    size dynamic, ResNet-20's lat step was ~7% slower in one side-by-side prototype run, Intel Xeon VM), and the shapes of a net do not count against dynamo's limit
-    of 8 recompiles of one function. A second batch size (an epoch's last batch) compiles one graph more, dynamic
-    in the batch size only (dynamo's automatic dynamic shapes)."""
+    size dynamic, ResNet-20's lat step was ~7% slower in one side-by-side prototype run, Intel Xeon VM), and
+    the shapes of a net do not count against dynamo's limit of 8 recompiles of one function. A second batch size
+    (an epoch's last batch) compiles one graph more, dynamic in the batch size only (dynamo's automatic dynamic
+    shapes)."""
     def compiled(f):
         return torch.compile(types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__))
     return compiled(_bn_forward), compiled(_bn_backward)

@@ -495,7 +495,7 @@ def _fusable(bn: nn.Module, state: _State, args, kwargs) -> bool:
     handle = state.handle
     return (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2 and x.numel() > x.shape[1]
             and bn.training and bn.affine and bn.track_running_stats and bn.momentum is not None
-            and bn.running_mean is not None and handle.direction == "gradient" and handle._sizing is None
+            and handle.direction == "gradient" and handle._sizing is None
             and not _compile.is_compiling() and torch.is_grad_enabled() and (x.requires_grad or bn.weight.requires_grad)
             and (handle.perturb or handle.capture) and (handle.capture or _fits(state.signs, x.shape, x.device)))
 
