@@ -125,7 +125,15 @@ def _eq6_kernel(out: torch.Tensor, signs: torch.Tensor, scale: torch.Tensor) -> 
 
 @torch.compile(dynamic=True)
 def _eq5_kernel(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.sign(g).to(torch.int8), g.amin(), g.amax()
+    return _int8_sign(g), g.amin(), g.amax()
+
+
+def _int8_sign(g: torch.Tensor) -> torch.Tensor:
+    # r_l as the compiled kernels store it: through int32, which inductor's CPU code converts to int8 faster than
+    # fp32 (inside the BatchNorm backward, four runs: 0.04-1.4 ms less at a 16-channel ResNet-20 point, 0.02-0.05
+    # at 32 and 64 channels, never more; no difference measurable in whole steps; benchmarks/experiments/
+    # int8_sign.py, README "Cost").
+    return torch.sign(g).to(torch.int32).to(torch.int8)
 
 
 class KernelsError(RuntimeError):
@@ -178,7 +186,7 @@ def _bn_backward(g, x, weight, mean, invstd, capture: bool):
     if not capture:
         return *grads, None, None, None
     # Eq. 5: per channel first, so the range joins the sums' loop (one pass over g); min and max are exact.
-    return *grads, torch.sign(g).to(torch.int8), g.amin(dims).amin(), g.amax(dims).amax()
+    return *grads, _int8_sign(g), g.amin(dims).amin(), g.amax(dims).amax()
 
 
 def _bn_dims(x: torch.Tensor) -> tuple[list[int], list[int]]:
