@@ -130,7 +130,7 @@ def _eq5_kernel(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def _int8_sign(g: torch.Tensor) -> torch.Tensor:
     # r_l as the compiled kernels store it: through int32, which inductor's CPU code converts to int8 faster than
-    # fp32 (inside the BatchNorm backward, four runs: 0.04-1.4 ms less at a 16-channel ResNet-20 point, 0.02-0.05
+    # fp32 (inside the BatchNorm backward, three runs: 0.5-1.1 ms less at a 16-channel ResNet-20 point, 0.01-0.05
     # at 32 and 64 channels, never more; no difference measurable in whole steps; benchmarks/experiments/
     # int8_sign.py, README "Cost").
     return torch.sign(g).to(torch.int32).to(torch.int8)
