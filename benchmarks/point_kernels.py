@@ -24,6 +24,7 @@ import statistics
 import torch
 
 import lwat
+from lwat import _compile
 from lwat.models import build_model
 from race import race
 
@@ -121,6 +122,10 @@ def _eq5_fused(g):
     return torch.sign(g).to(torch.int8), g.amin(), g.amax()
 
 
+def _eq5_fused_int32(g):  # the sign as lwat's compiled kernels make it (lwat/_compile.py)
+    return _compile._int8_sign(g), g.amin(), g.amax()
+
+
 def _eq5_fused_into(g, buf):
     buf.copy_(torch.sign(g))
     return g.amin(), g.amax()
@@ -150,6 +155,7 @@ def run(args, device):
     compiled = {} if args.no_compile else {
         "eq6_fused": torch.compile(_eq6_fused, dynamic=False),
         "eq5_fused": torch.compile(_eq5_fused, dynamic=False),
+        "eq5_fused_int32": torch.compile(_eq5_fused_int32, dynamic=False),
         "eq5_fused_into": torch.compile(_eq5_fused_into, dynamic=False),
     }
     if not args.no_compile:  # static shapes: one graph per distinct point shape
@@ -183,6 +189,7 @@ def run(args, device):
     if compiled:
         jobs["Eq. 6"]["compiled: out.add_(signs * scale), one pass"] = eq6(compiled["eq6_fused"])
         jobs["Eq. 5"]["compiled: sign -> new int8, amin, amax"] = lambda: [compiled["eq5_fused"](x) for x in grads]
+        jobs["Eq. 5"]["the same, the sign through int32"] = lambda: [compiled["eq5_fused_int32"](x) for x in grads]
         jobs["Eq. 5"]["compiled: sign -> int8 buffer, amin, amax"] = eq5(compiled["eq5_fused_into"])
     check(outs, grads, signs, scale, jobs, compiled)
     flat = {(job, name): fn for job, variants in jobs.items() for name, fn in variants.items()}
@@ -218,8 +225,9 @@ def check(outs, grads, signs, scale, jobs, compiled):
     fe = foreach_eq5([x], [s])
     assert torch.equal(fe[0][0], ref[0]) and fe[1][0] == ref[1] and fe[2][0] == ref[2]
     if compiled:
-        got = compiled["eq5_fused"](x)
-        assert torch.equal(got[0], ref[0]) and got[1] == ref[1] and got[2] == ref[2]
+        for fn in (compiled["eq5_fused"], compiled["eq5_fused_int32"]):
+            got = fn(x)
+            assert torch.equal(got[0], ref[0]) and got[1] == ref[1] and got[2] == ref[2]
         buf = torch.empty_like(s)
         lo, hi = compiled["eq5_fused_into"](x, buf)
         assert torch.equal(buf, ref[0]) and lo == ref[1] and hi == ref[2]

@@ -131,8 +131,9 @@ def _eq5_kernel(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 def _int8_sign(g: torch.Tensor) -> torch.Tensor:
     # r_l as the compiled kernels store it: through int32, which inductor's CPU code converts to int8 faster than
     # fp32 (inside the BatchNorm backward, three runs: 0.5-1.1 ms less at a 16-channel ResNet-20 point, 0.01-0.05
-    # at 32 and 64 channels, never more; no difference measurable in whole steps; benchmarks/experiments/
-    # int8_sign.py, README "Cost").
+    # at 32 and 64 channels, never more; Eq. 5 alone: a faster fastest repeat, a median faster in one run of
+    # three; no difference measurable in whole steps; benchmarks/experiments/int8_sign.py, point_kernels.py,
+    # README "Cost").
     return torch.sign(g).to(torch.int32).to(torch.int8)
 
 
