@@ -204,9 +204,14 @@ def _bn_kernels(shape: tuple[int, ...]) -> tuple:
     the shapes of a net do not count against dynamo's limit of 8 recompiles of one function. A second batch size
     (an epoch's last batch) compiles one graph more, dynamic in the batch size only (dynamo's automatic dynamic
     shapes)."""
-    def compiled(f):
-        return torch.compile(types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__))
-    return compiled(_bn_forward), compiled(_bn_backward)
+    return torch.compile(_code_copy(_bn_forward)), torch.compile(_code_copy(_bn_backward))
+
+
+def _code_copy(f, **names):
+    """`f` with a code object of its own (dynamo compiles, and counts recompiles, per code object), reading
+    `names` over its module's globals."""
+    return types.FunctionType(f.__code__.replace(), {**f.__globals__, **names} if names else f.__globals__,
+                              f.__name__, f.__defaults__)
 
 
 def bn_forward(x, weight, bias, running_mean, running_var, signs, scale, momentum: float, eps: float):

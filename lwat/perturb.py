@@ -241,8 +241,8 @@ _RESHAPED_WARN = 10  # warn once, at this many shape changes (each one costs the
 # measurable in whole training steps. One torch.compile'd pass per job is faster alone and, called unrecorded,
 # in whole steps too: attach(kernels="compiled") (lwat/_compile.py; opt-in, as it compiles on the first steps and
 # needs a C++ compiler on the CPU). kernels="fused" also compiles each BatchNorm point's BatchNorm with them, so
-# Eq. 6 rides on the BatchNorm's own pass: ResNet-20 lat/baseline 1.05 and 1.02 against 1.13-1.14 with "aten" and
-# 1.11-1.12 with "compiled" (two runs each, step_overhead.py, Intel Xeon VM, 2026-12-06; README "Cost"). Under
+# Eq. 6 rides on the BatchNorm's own pass: ResNet-20 lat/baseline 1.02-1.05 against 1.13-1.14 with "aten" and
+# 1.11-1.12 with "compiled" (three runs each, step_overhead.py, Intel Xeon VM, 2026-12-06; README "Cost"). Under
 # torch.compile of the model all of it fuses into the layers' own kernels.
 
 

@@ -468,9 +468,8 @@ def test_compiled_kernels_compile_once_per_dtype():
 
 @pytest.mark.parametrize("kernels", ["compiled", "fused"])
 def test_compiled_kernels_cache_semantics_equal_aten(kernels, device):
-    """With kernels="compiled" or "fused" Eq. 5 replaces the cache tensor; what the cache holds is still what the aten
-    path
-    leaves: a cache loaded between a forward and its backward stays (that backward leaves it alone), two
+    """With kernels="compiled" or "fused" Eq. 5 replaces the cache tensor; what the cache holds is still what the
+    aten path leaves: a cache loaded between a forward and its backward stays (that backward leaves it alone), two
     forwards before their backwards leave the later one's signs, and a graph kept alive after its backward (the
     `loss` of the last step) does not keep a replaced cache alive."""
     import weakref

@@ -11,7 +11,6 @@ variants' signs are checked equal first.
 
 import statistics
 import time
-import types
 
 import torch
 
@@ -22,9 +21,7 @@ torch.set_num_threads(2)
 
 def with_sign(int8_sign):
     """lwat's _bn_backward, compiled, with its int8 sign computed by `int8_sign`."""
-    f = _compile._bn_backward
-    return torch.compile(types.FunctionType(f.__code__.replace(), {**vars(_compile), "_int8_sign": int8_sign},
-                                            f.__name__))
+    return torch.compile(_compile._code_copy(_compile._bn_backward, _int8_sign=int8_sign))
 
 
 VARIANTS = {
