@@ -89,7 +89,7 @@ def make_step(name, model, x, y, cfg, device, amp, backend):
     method = get_method(name)
     handle = lwat.attach(model, cfg.eps, kernels=cfg.kernels) if method.layerwise else None
     if cfg.compile:
-        model.compile(backend=backend)  # in place, after attach, as the trainer does
+        model.compile(backend=backend)  # in place, after attach, as the trainer does (lat: with lwat.compile_options())
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     run = make_passes(model, handle, amp=amp, device_type=device.type, scaler=scaler)

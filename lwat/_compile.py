@@ -20,19 +20,23 @@ do not; a compiled submodule of the attached module; a module that cannot run on
 is warned about) makes it with perturb.py's `_fit_cache`, a graph break at that point: correct, slower to
 compile.
 
-The end of the file holds the kernels of an eager model's `attach(kernels="compiled")` (Eq. 6 and Eq. 5, one
-compiled pass each) and of `attach(kernels="fused")` (a BatchNorm point's forward with Eq. 6, its backward with
-Eq. 5).
+In the middle, `compile_options()`: inductor's fusion rule with each point's cache write fused into its own
+backward loop. The end of the file holds the kernels of an eager model's `attach(kernels="compiled")` (Eq. 6
+and Eq. 5, one compiled pass each) and of `attach(kernels="fused")` (a BatchNorm point's forward with Eq. 6,
+its backward with Eq. 5).
 
 Torch APIs used: public ones (torch.compile, torch.compiler.is_compiling, torch.compiler.disable,
-torch.func.functional_call, the meta device) and two private ones, `torch.utils._pytree` (tree_leaves,
-tree_map: the tensors inside nested inputs) and `torch._dynamo.exc.BackendCompilerFailed` (the kernels' compile
-error). Tested on torch 2.13.0.
+torch.func.functional_call, the meta device) and private ones: `torch.utils._pytree` (tree_leaves,
+tree_map: the tensors inside nested inputs), `torch._dynamo.exc.BackendCompilerFailed` (the kernels' compile
+error), `torch._inductor.list_mode_options` and, for `compile_options()`, inductor's scheduler (listed there).
+Tested on torch 2.13.0.
 
 A torch 2.13 inductor behaviour this design works around (see `_Eq5` in perturb.py): when a graph input is
 read in the forward and mutated in the backward, inductor's layout optimization may hand the backward a
 channels-last copy of a 4-D input instead of the input itself, and the mutation never reaches the caller's
-tensor. The cache is therefore given to the compiled graph as one flat 1-D tensor.
+tensor. A 4-D cache is therefore sized channels-last (inductor's layout for a conv net's activations, so there is
+nothing to convert), and any other cache is given to the compiled graph as one flat 1-D tensor (perturb.py's
+`_graph_cache`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ import warnings
 
 import torch
 from torch import nn
+from torch._inductor import config as inductor_config
+from torch._inductor.choices import InductorChoices
+from torch._inductor.virtualized import V
 from torch.utils._pytree import tree_leaves, tree_map
 
 is_compiling = torch.compiler.is_compiling
@@ -52,7 +59,12 @@ is_compiling = torch.compiler.is_compiling
 class _Sizing(nn.Module):
     """Mixin placed in front of the attached module's own class: under torch.compile, its forward first sizes
     the cache for these inputs (a class, not a forward pre-hook: dynamo guards on a module's class, not on its
-    hooks, so compiled code that made the cache for an attached module is never reused for a plain one)."""
+    hooks, so compiled code that made the cache for an attached module is never reused for a plain one); its
+    `compile()` adds `compile_options()`."""
+
+    def compile(self, *args, **kwargs):
+        """nn.Module.compile, with inductor compiling this model's graphs by lwat's fusion rule (compile_options)."""
+        super().compile(*args, **with_compile_options(kwargs))
 
     def forward(self, *args, **kwargs):
         handle = self._lwat_handle
@@ -101,6 +113,77 @@ def _size_cache(handle, module, args, kwargs, shapes) -> None:
     finally:
         handle._sizing = None
     handle._sized_for = shapes
+
+
+# ---- Inductor's fusion of the cache writes ----------------------------------------------------------------------
+# Under torch.compile the backward graph writes each point's new signs into its cache, a graph input, and
+# AOTAutograd places every write into a graph input at the end of the graph. Inductor does not fuse two loops whose
+# nodes lie more than 64 apart in the graph's order (Scheduler.are_long_distant_nodes, a guard against longer
+# buffer lifetimes), so every point's write but the last few's runs as a loop of its own that reads the gradient's
+# inputs again, instead of in the BatchNorm backward's loop that has dJ/da in registers (README "Cost": compiled
+# ResNet-20's backward kernels +10-12 ms over the baseline's with the rule, +4-6 ms without it). lwat's rule lifts
+# the distance guard for a write into a graph input only: such a write keeps what it reads alive to the end of the
+# graph, so running it earlier can only end those lifetimes sooner. It is a torch.compile option, for the graphs
+# of the model compiled with it only. Private inductor APIs used (torch 2.13.0): the documented extension point
+# torch._inductor.choices.InductorChoices (can_fuse_horizontal, uuid) and inductor_choices_class option,
+# config.score_fusion_memory_threshold, V.graph.graph_inputs, Scheduler.mutation_real_name, and the scheduler
+# nodes' get_nodes() / get_outputs() / get_mutations(). A torch without them compiles by inductor's own rule.
+
+class _FusionChoices(InductorChoices):
+    """Inductor's heuristics, but in a graph compiled with compile_options() a loop that writes into a graph input
+    may fuse with a distant loop."""
+
+    def uuid(self) -> str:  # in inductor's cache keys, made while the graph compiles
+        return f"lwat._compile._FusionChoices 1, rule {_lwat_rule()}"
+
+    @staticmethod
+    def can_fuse_horizontal(scheduler, node1, node2, shared_data_score: int) -> bool:
+        if (_lwat_rule() and shared_data_score >= inductor_config.score_fusion_memory_threshold
+                and (_writes_input(scheduler, node1) or _writes_input(scheduler, node2))):
+            return True  # what inductor's rule would answer, but for the distance guard
+        return InductorChoices.can_fuse_horizontal(scheduler, node1, node2, shared_data_score)
+
+
+def _lwat_rule() -> bool:
+    return inductor_config.inductor_choices_class is _FusionChoices  # the graph compiling now has compile_options()
+
+
+def _writes_input(scheduler, node) -> bool:
+    try:
+        inputs = V.graph.graph_inputs
+        return any(scheduler.mutation_real_name.get(name, name) in inputs
+                   for n in node.get_nodes() for buf in n.get_outputs() for name in buf.get_mutations())
+    except AttributeError:  # another torch's scheduler: inductor's own rule
+        return False
+
+
+def _fusion_choices() -> InductorChoices:
+    return _FusionChoices()  # for a graph compiled without compile_options(), inductor's own heuristics
+
+
+def compile_options() -> dict:
+    """Inductor options for compiling an attached model: `torch.compile(model, options=lwat.compile_options())`.
+    With them inductor may fuse each point's cache write into the point's own backward loop (see above); the
+    numbers are the same. `model.compile()` of the attached model adds them itself."""
+    # Inductor makes each thread's heuristics object once, from the option as it is when the thread first
+    # compiles, and reads the option no more; so lwat's object, which applies its rule only to a graph compiled
+    # with this option, becomes the process's default and this thread's where inductor's own is in use.
+    if inductor_config.inductor_choices_class is None:
+        inductor_config.inductor_choices_class = _fusion_choices
+    if type(V.choices) is InductorChoices:
+        V.set_choices_handler(_FusionChoices())
+    return {"inductor_choices_class": _FusionChoices}
+
+
+def with_compile_options(kwargs: dict) -> dict:
+    """torch.compile's keyword arguments with compile_options() added where inductor compiles (the default backend):
+    a `mode` becomes its options (torch.compile takes one or the other); a user's own choices class is kept."""
+    if kwargs.get("backend", "inductor") != "inductor":
+        return kwargs
+    kwargs = dict(kwargs)
+    mode = kwargs.pop("mode", None)
+    options = torch._inductor.list_mode_options(mode or "default", kwargs.get("dynamic"))
+    return {**kwargs, "options": {**options, **compile_options(), **(kwargs.get("options") or {})}}
 
 
 # ---- Eager mode with attach(kernels="compiled"): Eq. 6 and Eq. 5 as one compiled pass each ------------------

@@ -218,7 +218,7 @@ def _output_not_saved(cls: type) -> bool:
 class _State:
     handle: Handle
     signs: torch.Tensor | None = None  # int8 r_l = sign(dJ/da) of the previous batch (Eq. 5), activation-shaped
-    flat: torch.Tensor | None = None  # the same bytes as one 1-D tensor: what the compiled backward writes
+    flat: torch.Tensor | None = None  # the same bytes as one 1-D tensor (see _graph_cache)
     scale: torch.Tensor | None = None  # 0-dim fp32 eps_l; 0 until the first backward
     layout: torch.memory_format = torch.contiguous_format  # of signs (that of the activation)
     reshaped: int = 0  # times a new activation shape (other than the batch size) replaced the cache
@@ -289,9 +289,10 @@ class _Point(nn.Module):
         if capture and full:  # smaller batches never refresh the cache
             if frozen:
                 out = out.requires_grad_().clone()  # Eq. 5 marks its input dirty, which a leaf cannot be
-            out = _Eq5.apply(out if in_place or handle.perturb else out.clone(), state.flat if compiling else None,
-                             state.scale if compiling else None, handle._loss_scale,
-                             handle._eps if compiling else None, handle.scale, handle.direction, state.layout,
+            out = _Eq5.apply(out if in_place or handle.perturb else out.clone(),
+                             _graph_cache(state) if compiling else None, state.scale if compiling else None,
+                             handle._loss_scale, handle._eps if compiling else None, handle.scale, handle.direction,
+                             state.layout,
                              None if compiling else state, compiling and _compile.may_overflow(handle, out))
         return out
 
@@ -357,6 +358,14 @@ def _copy_cache(state: _State, signs: torch.Tensor, scale: torch.Tensor, layout:
     state.scale.copy_(scale)
 
 
+def _graph_cache(state: _State) -> torch.Tensor:
+    # The signs as a compiled graph gets them to write: a channels-last cache (as lwat/_compile.py sizes every 4-D
+    # one) as its 4-D view, which has the BatchNorm backward's loop shape, so inductor can fuse the write into that
+    # loop; any other as the flat 1-D tensor (torch 2.13: inductor may hand the backward a channels-last copy of a
+    # 4-D input in another layout that it mutates there, and the write is lost).
+    return state.signs if state.layout == torch.channels_last else state.flat
+
+
 def _layout(t: torch.Tensor) -> torch.memory_format:
     channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if channels_last and not t.is_contiguous() else torch.contiguous_format
@@ -388,10 +397,9 @@ class _Eq5(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, signs, scale, loss_scale, eps, scale_kind, direction, layout, state, may_overflow):
-        # Compiled (state None), the cache comes as tensors, the signs as the flat 1-D cache: under inductor, a 4-D
-        # input mutated in the backward may be layout-converted in the forward and the mutation lost (torch 2.13;
-        # see _compile). Eager, the point's _State comes instead (signs, scale, eps None): the backward writes the
-        # cache the point holds then, which kernels="compiled" replaces with a new tensor each backward.
+        # Compiled (state None), the cache comes as tensors, the signs as _graph_cache gives them. Eager, the point's
+        # _State comes instead (signs, scale, eps None): the backward writes the cache the point holds then, which
+        # kernels="compiled" replaces with a new tensor each backward.
         ctx.cache = signs, scale, loss_scale, eps, scale_kind, direction, layout, state, may_overflow
         ctx.made = None if state is None else state.made
         ctx.mark_dirty(out)  # identity without a view: later in-place ops on the output stay legal
@@ -406,7 +414,8 @@ class _Eq5(torch.autograd.Function):
             # and divides by its loss-scale tensor (which `eps = ...` and `grad_scale = ...` update in place; 1
             # without a scaler), and guards against an overflow where one may happen (see _compile.may_overflow).
             grad_scale, guard = loss_scale, may_overflow
-            signs = _unflatten(signs, g.shape, layout)
+            if signs.dim() == 1:
+                signs = _unflatten(signs, g.shape, layout)
         else:
             cache = _eager_cache(state, ctx.made)
             if cache is None:
@@ -444,14 +453,18 @@ def _cache_gradient(g, signs, scale, eps, grad_scale, guard, scale_kind, directi
         if _compile.is_compiling() and g.dim() > 2:
             # Per channel first: the same loops as a BatchNorm's own backward reductions, so inductor fuses them
             # (one pass over g, not two); min and max are exact, so the range is the same.
+            # The signs follow the per-channel range (hi >= lo for any finite gradient; a channel with a NaN gets
+            # 0), so inductor computes them after the reductions, in the BatchNorm's input-gradient loop, which
+            # with _compile.compile_options() also writes them into the cache.
             per_channel = [d for d in range(g.dim()) if d != 1]
-            lo, hi = g.amin(per_channel).amin(), g.amax(per_channel).amax()
+            lo_c, hi_c = g.amin(per_channel, keepdim=True), g.amax(per_channel, keepdim=True)
+            lo, hi, ordered = lo_c.amin(), hi_c.amax(), hi_c >= lo_c
         else:
-            lo, hi = torch.aminmax(_memory(g))  # see Kernels above
+            (lo, hi), ordered = torch.aminmax(_memory(g)), None  # see Kernels above
         if direction == "random":
             new_signs = torch.randint_like(signs, 0, 2).mul_(2).sub_(1)
         else:
-            new_signs = torch.sign(g)
+            new_signs = torch.sign(g) if ordered is None else torch.where(ordered, torch.sign(g), 0)
     return _eq5_scale(new_signs, lo, hi, signs, scale, eps, grad_scale, guard, scale_kind)
 
 

@@ -2,6 +2,7 @@
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 
 import lwat
 from torch._dynamo.utils import counters
+from torch._inductor.choices import InductorChoices
+from torch._inductor.utils import run_and_get_code
 
 
 def conv_bn_net():
@@ -593,9 +596,11 @@ def test_the_overflow_rule_reads_the_gradient_range_not_eps_l(device):
 
 # ---- torch.compile: compiled must equal eager, including beside a compiled plain instance --------
 
-@pytest.mark.parametrize("plain_first,layout", [(True, torch.contiguous_format), (False, torch.contiguous_format),
-                                                 (False, torch.channels_last)])
-def test_compiled_equals_eager(plain_first, layout, device):
+@pytest.mark.parametrize("plain_first,layout,in_place", [
+    (True, torch.contiguous_format, False), (False, torch.contiguous_format, False),
+    (False, torch.channels_last, False), (True, torch.channels_last, True)])
+def test_compiled_equals_eager(plain_first, layout, in_place, device):
+    """in_place: model.compile(), which compiles an attached model with lwat.compile_options()."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     net = conv_bn_net().to(device, memory_format=layout)
@@ -607,7 +612,9 @@ def test_compiled_equals_eager(plain_first, layout, device):
     eager_model, eager_handle, eager_outs = lwat_run(net, data, 10.0, "range")
     model = copy.deepcopy(net)
     handle = lwat.attach(model, 10.0)
-    compiled = torch.compile(model)
+    if in_place:
+        model.compile()
+    compiled = model if in_place else torch.compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step, (x, y) in enumerate(data):
         if step == 1:  # from the second step on, the model is one graph: no graph break
@@ -638,6 +645,58 @@ def test_compiled_equals_eager(plain_first, layout, device):
     handle.detach()  # after detach, the compiled attached instance computes the plain model again
     plain.load_state_dict(model.state_dict())
     torch.testing.assert_close(compiled(data[0][0]), plain(data[0][0]), rtol=1e-5, atol=1e-6)
+
+
+def backward_loop_nests(model, x, y, **compile_kwargs) -> int:
+    """The loop nests (parallel loops over memory) that the compiled backward of `model` runs per step, from
+    inductor's generated C++ code: each kernel's loops times the kernel's calls."""
+    compiled = torch.compile(model, **compile_kwargs)
+    F.cross_entropy(compiled(x), y).backward()  # sizes an attached model's cache
+    _, codes = run_and_get_code(lambda: F.cross_entropy(compiled(x), y).backward())
+    code = codes[-1]  # the backward's (compiled after the forward's)
+    loops = {m[1]: m[2].count("#pragma omp for")
+             for m in re.finditer(r"^(cpp_fused_\w+) = async_compile.cpp_pybinding\(.*?'''(.*?)'''", code, re.M | re.S)}
+    calls = code[code.index("def call("):]
+    return sum(n * len(re.findall(rf"\b{kernel}\(", calls)) for kernel, n in loops.items())
+
+
+def test_compile_options_fuse_the_cache_writes_into_the_backward_loops(device):
+    """With lwat.compile_options(), a point's signs are written by its BatchNorm backward's own loop: the compiled
+    backward runs no loop nest more than the plain model's. Without them, inductor's distance rule keeps most writes
+    in loops of their own; a plain model compiled after the options were made is compiled by inductor's own rule."""
+    if device.type != "cpu":
+        pytest.skip("reads inductor's C++ code")
+
+    def deep_net():  # deep enough that the first points' nodes lie more than 64 from the backward graph's end
+        layers = [nn.Conv2d(3, 4, 3, padding=1, bias=False)]
+        for _ in range(6):
+            layers += [nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, bias=False)]
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    nets = {name: deep_net() for name in ("options", "default", "plain")}
+    for name in ("options", "default"):
+        lwat.attach(nets[name], 10.0)
+    torch._dynamo.reset()
+    # No cache (a cached graph's code is not shown); 2 threads, so that each loop nest is an OpenMP loop.
+    with torch._inductor.config.patch({"force_disable_caches": True, "cpp.threads": 2}):
+        nests = {"options": backward_loop_nests(nets["options"], x, y, options=lwat.compile_options()),
+                 "default": backward_loop_nests(nets["default"], x, y),
+                 "plain": backward_loop_nests(nets["plain"], x, y)}
+    assert nests["options"] == nests["plain"] < nests["default"], nests
+
+
+def test_model_compile_adds_the_options_where_inductor_compiles():
+    from lwat._compile import with_compile_options
+    ours = lwat.compile_options()["inductor_choices_class"]
+    assert with_compile_options({})["options"]["inductor_choices_class"] is ours
+    tuned = with_compile_options({"mode": "max-autotune", "dynamic": False})  # torch.compile takes mode or options
+    assert "mode" not in tuned and tuned["options"]["max_autotune"] is True and tuned["dynamic"] is False
+    assert tuned["options"]["inductor_choices_class"] is ours
+    theirs = {"inductor_choices_class": InductorChoices}  # a user's own heuristics are kept
+    assert with_compile_options({"options": theirs})["options"]["inductor_choices_class"] is InductorChoices
+    assert with_compile_options({"backend": "aot_eager"}) == {"backend": "aot_eager"}
 
 
 class TorchvisionBlock(nn.Module):
