@@ -292,8 +292,8 @@ class _Point(nn.Module):
             out = _Eq5.apply(out if in_place or handle.perturb else out.clone(),
                              _graph_cache(state) if compiling else None, state.scale if compiling else None,
                              handle._loss_scale, handle._eps if compiling else None, handle.scale, handle.direction,
-                             state.layout,
-                             None if compiling else state, compiling and _compile.may_overflow(handle, out))
+                             state.layout, None if compiling else state,
+                             compiling and _compile.may_overflow(handle, out))
         return out
 
 
