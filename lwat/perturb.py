@@ -456,7 +456,7 @@ def _cache_gradient(g, signs, scale, eps, grad_scale, guard, scale_kind, directi
             # The signs follow the per-channel range (hi >= lo for any finite gradient; a channel with a NaN gets
             # 0), so inductor computes them after the reductions, in the BatchNorm's input-gradient loop, which
             # with _compile.compile_options() also writes them into the cache.
-            per_channel = [d for d in range(g.dim()) if d != 1]
+            per_channel, _ = _compile._bn_dims(g)
             lo_c, hi_c = g.amin(per_channel, keepdim=True), g.amax(per_channel, keepdim=True)
             lo, hi, ordered = lo_c.amin(), hi_c.amax(), hi_c >= lo_c
         else:
