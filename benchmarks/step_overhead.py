@@ -87,7 +87,7 @@ def peak_memory(step, device):
 def make_step(name, model, x, y, cfg, device, amp, backend):
     """One training step of method `name` as lwat.train runs it: the method's passes, then the optimizer."""
     method = get_method(name)
-    handle = lwat.attach(model, cfg.eps, kernels=cfg.kernels) if method.layerwise else None
+    handle = lwat.attach(model, cfg.eps, scale=cfg.scale, kernels=cfg.kernels) if method.layerwise else None
     if cfg.compile:
         model.compile(backend=backend)  # in place, after attach, as the trainer does (lat: with lwat.compile_options())
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
@@ -116,13 +116,13 @@ def copy_bandwidth(elements, device, repeats=5):
     return 2 * src.nbytes / best
 
 
-def bench(name, width, batch, device, steps, warmup, mode, amp, eps, channels_last, backend):
+def bench(name, width, batch, device, steps, warmup, mode, amp, eps, scale, channels_last, backend):
     torch._dynamo.reset()  # each row compiles afresh (and stays under dynamo's recompile limit)
     torch.manual_seed(0)
     options = {"width": width} if width != 1.0 else {}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     base = build_model(name, 10, **options).to(device, memory_format=fmt)
-    cfg = TrainConfig(eps=eps, compile=mode == "compiled", kernels=KERNELS.get(mode, "aten"))
+    cfg = TrainConfig(eps=eps, scale=scale, compile=mode == "compiled", kernels=KERNELS.get(mode, "aten"))
     x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     runs, handles = {}, {}
@@ -177,7 +177,9 @@ def main():
                         help="eager; eager-kernels: eager with attach(kernels='compiled'); eager-fused: eager with "
                              "attach(kernels='fused'); compiled: torch.compile")
     parser.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=AMPS, help="precisions to compare")
-    parser.add_argument("--eps", type=float, default=10.0, help="range-scaled eps (the cost does not depend on it)")
+    parser.add_argument("--eps", type=float, default=10.0, help="lat's eps (the cost does not depend on it)")
+    parser.add_argument("--scale", default="range", choices=("range", "fixed"),
+                        help="lat's eps_l: range (eps x the gradient's range, the default) or fixed (eps)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled mode")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -190,12 +192,13 @@ def main():
                 for amp in args.amp:
                     width = args.vgg_width if name.startswith("vgg") else 1.0
                     rows.append(bench(name, width, batch, device, args.steps, args.warmup, mode,
-                                      amp, args.eps, args.channels_last, args.compile_backend))
+                                      amp, args.eps, args.scale, args.channels_last, args.compile_backend))
                     print_table(rows[-1:], header=len(rows) == 1)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{hardware}, torch {torch.__version__}, median of {args.steps} alternating steps (rotating order) "
-          f"after {args.warmup} warm-up{', channels-last' if args.channels_last else ''}. "
+          f"after {args.warmup} warm-up{', channels-last' if args.channels_last else ''}; lat: eps {args.eps:g}, "
+          f"scale={args.scale}. "
           "A step: the method's forward and backward "
           "passes and SGD. memory: peak bytes allocated during one step. epoch s: extrapolated (median step x "
           f"{CIFAR_TRAIN} // batch steps of CIFAR-10; no input pipeline, no test pass), not timed. loader share: "

@@ -596,11 +596,14 @@ def test_the_overflow_rule_reads_the_gradient_range_not_eps_l(device):
 
 # ---- torch.compile: compiled must equal eager, including beside a compiled plain instance --------
 
-@pytest.mark.parametrize("plain_first,layout,in_place", [
-    (True, torch.contiguous_format, False), (False, torch.contiguous_format, False),
-    (False, torch.channels_last, False), (True, torch.channels_last, True)])
-def test_compiled_equals_eager(plain_first, layout, in_place, device):
-    """in_place: model.compile(), which compiles an attached model with lwat.compile_options()."""
+@pytest.mark.parametrize("plain_first,layout,in_place,scale", [
+    (True, torch.contiguous_format, False, "range"), (False, torch.contiguous_format, False, "range"),
+    (False, torch.channels_last, False, "range"), (True, torch.channels_last, True, "range"),
+    (False, torch.channels_last, True, "fixed")])
+def test_compiled_equals_eager(plain_first, layout, in_place, scale, device):
+    """in_place: model.compile(), which compiles an attached model with lwat.compile_options(). scale="fixed":
+    compiled, the signs follow the per-channel sum instead of the range."""
+    eps = 10.0 if scale == "range" else 0.3
     torch._dynamo.reset()
     torch.manual_seed(0)
     net = conv_bn_net().to(device, memory_format=layout)
@@ -609,9 +612,9 @@ def test_compiled_equals_eager(plain_first, layout, in_place, device):
     compiled_plain = torch.compile(plain)
     if plain_first:  # the graph of a plain instance of the same class exists before the attached one
         compiled_plain(data[0][0])
-    eager_model, eager_handle, eager_outs = lwat_run(net, data, 10.0, "range")
+    eager_model, eager_handle, eager_outs = lwat_run(net, data, eps, scale)
     model = copy.deepcopy(net)
-    handle = lwat.attach(model, 10.0)
+    handle = lwat.attach(model, eps, scale=scale)
     if in_place:
         model.compile()
     compiled = model if in_place else torch.compile(model)
