@@ -216,7 +216,7 @@ def test_benchmark_row_against_hand_counts(device, monkeypatch):
     estimates are those of its own step times."""
     bench = benchmark("step_overhead", monkeypatch)
     row = bench.bench("resnet20", width=0.25, batch=4, device=device, steps=1, warmup=1, mode="eager-kernels",
-                      amp="bf16", eps=10.0, channels_last=True, backend="inductor")
+                      amp="bf16", eps=10.0, scale="range", channels_last=True, backend="inductor")
     model = build_model("resnet20", 10, width=0.25)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     sizes = []
