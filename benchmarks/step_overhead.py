@@ -29,6 +29,7 @@ for Eq. 5's range and signs together, as one fused pass does (aten's aminmax and
     python benchmarks/step_overhead.py --models resnet20 --modes eager --amp off --steps 5   # a quick check
     python benchmarks/step_overhead.py --compile-backend aot_eager    # compiled without inductor's C++ build
     python benchmarks/step_overhead.py --modes eager eager-kernels eager-fused --amp off   # lat's eager kernels
+    python benchmarks/step_overhead.py --models resnet20 --modes compiled --amp off --scale fixed --eps 0.01
 """
 
 from __future__ import annotations
