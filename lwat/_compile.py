@@ -258,7 +258,7 @@ def _bn_forward(x, weight, bias, running_mean, running_var, signs, scale, moment
     return y.to(x.dtype), mean, invstd
 
 
-def _bn_backward(g, x, weight, mean, invstd, capture: str | None):
+def _bn_backward(g, x, weight, mean, invstd, capture: bool):
     acc = torch.promote_types(x.dtype, torch.float32)
     dims, channel = _bn_dims(x)
     n = x.numel() // x.shape[1]
@@ -268,11 +268,8 @@ def _bn_backward(g, x, weight, mean, invstd, capture: str | None):
     grad_x = (invstd * weight).view(channel) * (g32 - (grad_bias / n).view(channel)
                                                 - xhat * (grad_weight / n).view(channel))
     grads = grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
-    if capture is None:
+    if not capture:
         return *grads, None, None, None
-    if capture == "signs":  # eps_l = eps and no guard: no range to find
-        zero = g.new_zeros(())
-        return *grads, _int8_sign(g), zero, zero
     # Eq. 5: per channel first, so the range joins the sums' loop (one pass over g); min and max are exact.
     return *grads, _int8_sign(g), g.amin(dims).amin(), g.amax(dims).amax()
 
@@ -308,9 +305,9 @@ def bn_forward(x, weight, bias, running_mean, running_var, signs, scale, momentu
                 momentum, eps, kernels="fused")
 
 
-def bn_backward(g, x, weight, mean, invstd, capture: str | None):
-    """The BatchNorm's backward: (grad x, grad weight, grad bias), then Eq. 5's (int8 sign(g), min(g), max(g))
-    with capture="range", (int8 sign(g), 0, 0) with "signs", three None with None; one compiled function."""
+def bn_backward(g, x, weight, mean, invstd, capture: bool):
+    """The BatchNorm's backward: (grad x, grad weight, grad bias), then, where `capture`, Eq. 5's (int8 sign(g),
+    min(g), max(g)), else three None; one compiled function."""
     return _run(_bn_kernels(tuple(x.shape[1:]))[1], g, x, weight, mean, invstd, capture, kernels="fused")
 
 

@@ -554,9 +554,8 @@ class _BatchNormEq56(torch.autograd.Function):
     def backward(ctx, g):
         x, weight, mean, invstd = ctx.saved_tensors
         cache = None if ctx.state is None else _eager_cache(ctx.state, ctx.made)
-        # The range only where eps_l or the overflow guard (the cache's last item) reads it.
-        capture = None if cache is None else "range" if ctx.scale_kind == "range" or cache[-1] else "signs"
-        grad_x, grad_weight, grad_bias, new_signs, lo, hi = _compile.bn_backward(g, x, weight, mean, invstd, capture)
+        grad_x, grad_weight, grad_bias, new_signs, lo, hi = _compile.bn_backward(g, x, weight, mean, invstd,
+                                                                                 cache is not None)
         if cache is not None:
             _keep(ctx.state, _eq5_scale(new_signs, lo, hi, *cache, ctx.scale_kind))
         return grad_x, grad_weight, grad_bias, None, None, None, None
