@@ -46,6 +46,7 @@ from lwat.config import AMPS, TrainConfig
 from lwat.data import Loader
 from lwat.methods import get_method
 from lwat.models import build_model
+from lwat.perturb import SCALES
 from lwat.train import make_passes
 from race import race
 
@@ -179,7 +180,7 @@ def main():
                              "attach(kernels='fused'); compiled: torch.compile")
     parser.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=AMPS, help="precisions to compare")
     parser.add_argument("--eps", type=float, default=10.0, help="lat's eps (the cost does not depend on it)")
-    parser.add_argument("--scale", default="range", choices=("range", "fixed"),
+    parser.add_argument("--scale", default="range", choices=SCALES,
                         help="lat's eps_l: range (eps x the gradient's range, the default) or fixed (eps)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled mode")

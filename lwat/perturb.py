@@ -241,8 +241,8 @@ _RESHAPED_WARN = 10  # warn once, at this many shape changes (each one costs the
 # measurable in whole training steps. One torch.compile'd pass per job is faster alone and, called unrecorded,
 # in whole steps too: attach(kernels="compiled") (lwat/_compile.py; opt-in, as it compiles on the first steps and
 # needs a C++ compiler on the CPU). kernels="fused" also compiles each BatchNorm point's BatchNorm with them, so
-# Eq. 6 rides on the BatchNorm's own pass: ResNet-20 lat/baseline 1.02-1.05 against 1.13-1.14 with "aten" and
-# 1.11-1.12 with "compiled" (three runs each, step_overhead.py, Intel Xeon VM, 2026-12-06; README "Cost"). Under
+# Eq. 6 rides on the BatchNorm's own pass: ResNet-20 lat/baseline 1.02-1.05 against 1.13-1.17 with "aten" and
+# 1.11-1.12 with "compiled" (four runs each, step_overhead.py, Intel Xeon VM, 2026-12-06; README "Cost"). Under
 # torch.compile of the model all of it fuses into the layers' own kernels.
 
 
@@ -452,12 +452,13 @@ def _cache_gradient(g, signs, scale, eps, grad_scale, guard, scale_kind, directi
     else:
         if _compile.is_compiling() and g.dim() > 2:
             # Per channel first: the same loops as a BatchNorm's own backward reductions, so inductor fuses them
-            # (one pass over g, not two); min and max are exact, so the range is the same.
-            # The signs follow the per-channel range (hi >= lo for any finite gradient; a channel with a NaN gets
-            # 0), so inductor computes them after the reductions, in the BatchNorm's input-gradient loop, which
-            # with _compile.compile_options() also writes them into the cache.
+            # (one pass over g, not two). The signs follow a per-channel reduction, so inductor computes them
+            # after the reductions, in the BatchNorm's input-gradient loop, which with
+            # _compile.compile_options() also writes them into the cache.
             per_channel, _ = _compile._bn_dims(g)
             if scale_kind == "range" or guard:
+                # min and max are exact, so the range is the same; hi >= lo for any finite gradient (a channel
+                # with a NaN gets 0 signs)
                 lo_c, hi_c = g.amin(per_channel, keepdim=True), g.amax(per_channel, keepdim=True)
                 lo, hi, ordered = lo_c.amin(), hi_c.amax(), hi_c >= lo_c
             else:  # eps_l = eps, and no guard reads the range: the signs follow the BatchNorm's own per-channel
