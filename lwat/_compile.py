@@ -124,10 +124,11 @@ def _size_cache(handle, module, args, kwargs, shapes) -> None:
 # ResNet-20's backward kernels +10-12 ms over the baseline's under that guard, +4-6 ms with it lifted). lwat's
 # rule lifts the distance guard for a write into a graph input only: such a write keeps what it reads alive to the
 # end of the graph, so running it earlier can only end those lifetimes sooner. It is a torch.compile option, for
-# the graphs of the model compiled with it only. Private inductor APIs used (torch 2.13.0): the documented extension point
-# torch._inductor.choices.InductorChoices (can_fuse_horizontal, uuid) and inductor_choices_class option,
-# config.score_fusion_memory_threshold, V.graph.graph_inputs, Scheduler.mutation_real_name, and the scheduler
-# nodes' get_nodes() / get_outputs() / get_mutations(). A torch without them compiles by inductor's own rule.
+# the graphs of the model compiled with it only. Private inductor APIs used (torch 2.13.0): the documented
+# extension point torch._inductor.choices.InductorChoices (can_fuse_horizontal, uuid) and inductor_choices_class
+# option, config.score_fusion_memory_threshold, V.graph.graph_inputs, Scheduler.mutation_real_name, and the
+# scheduler nodes' get_nodes() / get_outputs() / get_mutations(). A torch without them compiles by inductor's own
+# rule.
 
 class _FusionChoices(InductorChoices):
     """Inductor's heuristics, but in a graph compiled with compile_options() a loop that writes into a graph input
