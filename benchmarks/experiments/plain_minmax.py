@@ -4,8 +4,9 @@ Inductor's C++ code reduces min and max with torch's `at::vec::minimum` / `maxim
 AVX-512: the min or max instruction and three more for the NaN). With `plain` as the first argument, this script
 has inductor emit `at::vec::clamp_max` / `clamp_min` there instead (the bare instruction, so a NaN may be lost);
 with `nan` it changes nothing. Then it runs benchmarks/step_overhead.py with the other arguments. In ResNet-20's
-compiled graphs only lat's per-channel range uses these reductions, so the two variants time what the NaN test
-costs compiled lat. A timing probe, not lat: a NaN gradient would no longer make a NaN range.
+compiled graphs these reductions are lat's per-channel range and, in every model, the loss's max over a row of 10
+logits, so the two variants time what the NaN test costs compiled lat. A timing probe, not lat: a NaN gradient
+would no longer make a NaN range.
 
     python benchmarks/experiments/plain_minmax.py plain --models resnet20 --modes compiled --amp off --steps 40
     python benchmarks/experiments/plain_minmax.py nan --models resnet20 --modes compiled --amp off --steps 40
