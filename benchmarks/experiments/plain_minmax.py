@@ -26,7 +26,7 @@ VARIANTS = ("plain", "nan")
 
 
 def plain_min_max(combine):
-    """`CppVecKernel.reduction_combine_vec` with float min and max as the bare vector instruction."""
+    """`CppVecKernel.reduction_combine_vec` with min and max (of any but bool values) as the bare vector instruction."""
     def plain(self, reduction_type, var, next_value, helper_val=None, index=None, horizontal_reduction=None,
               src_dtype=torch.float32):
         if reduction_type in ("min", "max") and not self.tail_size and src_dtype != torch.bool:
