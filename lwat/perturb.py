@@ -463,7 +463,7 @@ def _cache_gradient(g, signs, scale, eps, grad_scale, guard, scale_kind, directi
                 lo, hi, ordered = lo_c.amin(), hi_c.amax(), hi_c >= lo_c
             else:  # eps_l = eps, and no guard reads the range: the signs follow the BatchNorm's own per-channel
                 # sum instead (inductor computes it once for both; a channel whose sum is NaN gets 0), which
-                # spares the min and max, most of compiled lat's cost (README "Cost").
+                # spares the min and max, about half of compiled lat's cost (README "Cost").
                 total = g.sum(per_channel, keepdim=True)
                 lo = hi = total.new_zeros(())
                 ordered = total == total
