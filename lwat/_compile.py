@@ -120,7 +120,7 @@ def _size_cache(handle, module, args, kwargs, shapes) -> None:
 # AOTAutograd places every write into a graph input at the end of the graph. Inductor does not fuse two loops whose
 # nodes lie more than 64 apart in the graph's order (Scheduler.are_long_distant_nodes, a guard against longer
 # buffer lifetimes), so every point's write but the last few's runs as a loop of its own that reads the gradient's
-# inputs again, instead of in the BatchNorm backward's loop that has dJ/da in registers (README "Cost": compiled
+# inputs again, instead of in the BatchNorm backward's loop that has dJ/da in registers (benchmarks/README.md: compiled
 # ResNet-20's backward kernels +10-12 ms over the baseline's under that guard, +4-6 ms with it lifted). lwat's
 # rule lifts the distance guard for a write into a graph input only: such a write keeps what it reads alive to the
 # end of the graph, so running it earlier can only end those lifetimes sooner. It is a torch.compile option, for
@@ -218,7 +218,7 @@ def _int8_sign(g: torch.Tensor) -> torch.Tensor:
     # fp32 (inside the BatchNorm backward, three runs: 0.5-1.1 ms less at a 16-channel ResNet-20 point, 0.01-0.05
     # at 32 and 64 channels, never more; Eq. 5 alone: a faster fastest repeat, a median faster in one run of
     # three; no difference measurable in whole steps; benchmarks/experiments/int8_sign.py, point_kernels.py,
-    # README "Cost").
+    # benchmarks/README.md).
     return torch.sign(g).to(torch.int32).to(torch.int8)
 
 

@@ -229,7 +229,7 @@ _RESHAPED_WARN = 10  # warn once, at this many shape changes (each one costs the
 
 
 # Kernels, chosen side by side (benchmarks/point_kernels.py: ResNet-20's 19 points at batch 128, 24.1M elements,
-# CPU, 2 threads, best of 21; README "Cost"). Eq. 6 casts the int8 signs to the activation's dtype first on the
+# CPU, 2 threads, best of 21; benchmarks/README.md). Eq. 6 casts the int8 signs to the activation's dtype first on the
 # CPU only: there an elementwise op with an int8 operand and an fp32 output runs a scalar casting loop, slower
 # than a vectorized cast into a temporary plus a same-dtype addcmul_ (14.7 vs 11.6 ms). A CUDA kernel casts in
 # registers, so there the mixed-dtype addcmul_ stays one pass and one launch (not measured: no GPU was lent).
@@ -242,7 +242,7 @@ _RESHAPED_WARN = 10  # warn once, at this many shape changes (each one costs the
 # in whole steps too: attach(kernels="compiled") (lwat/_compile.py; opt-in, as it compiles on the first steps and
 # needs a C++ compiler on the CPU). kernels="fused" also compiles each BatchNorm point's BatchNorm with them, so
 # Eq. 6 rides on the BatchNorm's own pass: ResNet-20 lat/baseline 1.02-1.05 against 1.13-1.17 with "aten" and
-# 1.11-1.12 with "compiled" (four runs each, step_overhead.py, Intel Xeon VM, 2026-12-06; README "Cost"). Under
+# 1.11-1.12 with "compiled" (four runs each, step_overhead.py, Intel Xeon VM, 2026-12-06; benchmarks/README.md). Under
 # torch.compile of the model all of it fuses into the layers' own kernels.
 
 
@@ -463,7 +463,7 @@ def _cache_gradient(g, signs, scale, eps, grad_scale, guard, scale_kind, directi
                 lo, hi, ordered = lo_c.amin(), hi_c.amax(), hi_c >= lo_c
             else:  # eps_l = eps, and no guard reads the range: the signs follow the BatchNorm's own per-channel
                 # sum instead (inductor computes it once for both; a channel whose sum is NaN gets 0), which
-                # spares the min and max, about half of compiled lat's cost (README "Cost").
+                # spares the min and max, about half of compiled lat's cost (benchmarks/README.md).
                 total = g.sum(per_channel, keepdim=True)
                 lo = hi = total.new_zeros(())
                 ordered = total == total
