@@ -13,6 +13,7 @@ import lwat
 from torch._dynamo.utils import counters
 from torch._inductor.choices import InductorChoices
 from torch._inductor.utils import run_and_get_code
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def conv_bn_net():
@@ -592,6 +593,48 @@ def test_the_overflow_rule_reads_the_gradient_range_not_eps_l(device):
     cache = handle.state_dict()["1"]
     assert torch.equal(cache["signs"], torch.sign(g).to(torch.int8))
     assert cache["scale"] == torch.tensor(1e40, dtype=torch.float32) * (g.max() - g.min()) == float("inf")
+
+
+class HostCopies(TorchDispatchMode):
+    """Records the ops that copy a tensor's value to the host (on a GPU, a sync): .item(), bool(), float(), and
+    ops whose output shape depends on the values."""
+
+    OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+           torch.ops.aten.masked_select.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("scale,loss_scale,direction,kernels", [
+    ("range", None, "gradient", "aten"), ("fixed", None, "gradient", "aten"), ("range", 1024.0, "gradient", "aten"),
+    ("range", None, "random", "aten"), ("range", 1024.0, "gradient", "compiled"), ("range", None, "gradient", "fused")])
+def test_training_steps_copy_nothing_to_the_host(scale, loss_scale, direction, kernels, device):
+    """Issue 16: Eq. 6 and Eq. 5 never wait for the device: no value is read on the host, the overflow guard under
+    a loss scale included, over the first step (no cache yet), full batches and a smaller last batch. Under the
+    probe torch.compile runs the compiled kernels' functions eagerly, so their code is checked op by op too."""
+    with HostCopies() as probe:  # the probe sees a host copy
+        float(torch.ones(2, device=device).sum())
+    assert probe.seen == ["aten._local_scalar_dense.default"]
+    torch.manual_seed(0)
+    model = conv_bn_net().to(device)
+    handle = lwat.attach(model, 10.0 if scale == "range" else 0.3, scale=scale, direction=direction, kernels=kernels)
+    data = batches(4, (8, 3, 8, 8), device=device)
+    data[-1] = (data[-1][0][:5], data[-1][1][:5])
+    with HostCopies() as copies:
+        for x, y in data:
+            factor = 1.0
+            if loss_scale is not None:
+                factor = handle.grad_scale = torch.tensor(loss_scale, device=device)
+            (F.cross_entropy(model(x), y) * factor).backward()
+    assert copies.seen == []
+    assert handle.state_dict()["4"]["scale"] > 0  # the steps did perturb
 
 
 # ---- torch.compile: compiled must equal eager, including beside a compiled plain instance --------
