@@ -60,6 +60,18 @@ class TrainConfig:
     alpha: float = _f(0.5, "weight of the clean loss in joint methods: alpha J(clean) + (1 - alpha) J(adv)")
     depth: int | None = _f(None, "perturb only the first DEPTH points (paper Table 6); default all")
     input_eps: float = _f(8 / 255, "FGSM eps of the fgsm method, pixel units of [0, 1] images")
+    # cheap regularizers, each combining with any method (0 = off)
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy (Szegedy et al. 2016; usual: 0.1)")
+    mixup: float = _f(0.0, "mixup alpha: one lambda ~ Beta(alpha, alpha) per batch (Zhang et al. 2018; usual: 1)")
+    cutmix: float = _f(0.0, "CutMix alpha: one box per batch, area ~ Beta(alpha, alpha) (Yun et al. 2019; usual: 1)")
+    mix_prob: float = _f(1.0, "chance that a batch is mixed by mixup or CutMix (CutMix's CIFAR recipe: 0.5)")
+    cutout: int = _f(0, "cutout: a square of this side (pixels) at a uniform centre, clipped at the border, set to "
+                        "the training images' mean (DeVries and Taylor 2017; CIFAR: 16)")
+    ema: float = _f(0.0, "decay per step of an exponential moving average of the weights and BatchNorm statistics; "
+                         "test accuracy and evaluation use the average (usual: 0.999)")
+    sam: float = _f(0.0, "SAM rho: sharpness-aware minimization, two passes per step (Foret et al. 2021; usual: "
+                         "0.05; the SAM of the pytorch_optimizer package)")
+    sam_adaptive: bool = _f(False, "adaptive SAM (Kwon et al. 2021; usual rho: 2.0)")
     # running
     seed: int = _f(0, "seeds weights, data order, augmentation, and which images the validation split and "
                       "training subset take")
@@ -92,7 +104,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_drop_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eps", "input_eps", "lr", "weight_decay", "momentum", "seed"):
+        for name in ("eps", "input_eps", "lr", "weight_decay", "momentum", "seed", "mixup", "cutmix", "cutout", "sam"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.amp not in AMPS:
@@ -101,6 +113,16 @@ class TrainConfig:
             raise ConfigError(f"kernels: unknown value {self.kernels!r}; known: {', '.join(KERNELS)}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.ema < 1:
+            raise ConfigError("label_smoothing and ema must be in [0, 1)")
+        if not 0 <= self.mix_prob <= 1:
+            raise ConfigError(f"mix_prob must be in [0, 1], got {self.mix_prob}")
+        if self.mixup and self.cutmix:
+            raise ConfigError("mixup and cutmix: choose one")
+        if self.sam_adaptive and not self.sam:
+            raise ConfigError("sam_adaptive needs a SAM rho (--sam)")
+        if self.sam and self.amp == "fp16":
+            raise ConfigError("sam: not with --amp fp16 (its two steps do not go through the GradScaler); use bf16")
         if self.lr_drop_factor <= 0 or self.width <= 0:
             raise ConfigError("lr_drop_factor and width must be > 0")
 

@@ -637,6 +637,59 @@ def batch_crop(images: torch.Tensor, pad: int = 4, shifts: torch.Tensor | None =
     return padded[batch, channel, rows, cols]
 
 
+def batch_cutout(images: torch.Tensor, size: int, centres: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Cutout (DeVries and Taylor 2017): in image i, the size x size square centred at centres[i] = (row, col),
+    clipped at the border, is set to `fill`.
+
+    Args:
+        images: (B, C, H, W) float.
+        size: the square's side in pixels (rows centre - size // 2 .. centre + size // 2, exclusive, as the paper's code).
+        centres: (B, 2) integer (row, col), each uniform over the image in training.
+        fill: (C,) the value per channel (the training images' mean: zero after normalization, as in the paper's code).
+
+    Returns:
+        (B, C, H, W) tensor.
+    """
+    _, _, h, w = images.shape
+    rows, cols = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
+    centres = centres.to(images.device)
+    inside_r = ((rows >= centres[:, :1] - size // 2) & (rows < centres[:, :1] + size // 2))  # (B, H)
+    inside_c = ((cols >= centres[:, 1:] - size // 2) & (cols < centres[:, 1:] + size // 2))  # (B, W)
+    cut = (inside_r[:, :, None] & inside_c[:, None, :])[:, None]
+    return torch.where(cut, fill.to(images).view(1, -1, 1, 1), images)
+
+
+def batch_mix(images: torch.Tensor, targets: torch.Tensor, lam: float, perm: torch.Tensor,
+              box: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018) or, given a box, CutMix (Yun et al. 2019) of a batch with its permutation `perm`.
+
+    Mixup: image lam * x_i + (1 - lam) * x_perm(i), target likewise. CutMix: the box (r0, r1, c0, c1) (rows r0..r1-1,
+    cols c0..c1-1) of x_i is replaced by that of x_perm(i), and lam becomes the share of the image left uncut.
+
+    Args:
+        images: (B, C, H, W) float. targets: (B, K) class probabilities. lam: in [0, 1]. perm: (B,) a permutation.
+
+    Returns:
+        (mixed images, mixed targets).
+    """
+    perm = perm.to(images.device)
+    if box is None:
+        return lam * images + (1 - lam) * images[perm], lam * targets + (1 - lam) * targets[perm]
+    r0, r1, c0, c1 = box
+    images = images.clone()
+    images[:, :, r0:r1, c0:c1] = images[perm, :, r0:r1, c0:c1]
+    lam = 1 - (r1 - r0) * (c1 - c0) / (images.shape[-2] * images.shape[-1])
+    return images, lam * targets + (1 - lam) * targets[perm]
+
+
+def cutmix_box(lam: float, h: int, w: int, centre: tuple[int, int]) -> tuple[int, int, int, int]:
+    """CutMix's box (the paper's code): sides H sqrt(1 - lam) and W sqrt(1 - lam) at `centre`, clipped."""
+    cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+    r, c = centre
+    return (min(max(r - cut_h // 2, 0), h), min(max(r + cut_h // 2, 0), h),
+            min(max(c - cut_w // 2, 0), w), min(max(c + cut_w // 2, 0), w))
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)  # fits int64
 
@@ -661,11 +714,19 @@ class Loader:
         channels_last: yield images in channels-last memory format.
         rows: keep only these rows of every batch (a DDP rank's share of the global batch); the other rows are
             never gathered, cropped or flipped.
+        cutout: when training, `batch_cutout` of this side (0: off), filled with the images' mean.
+        mixup, cutmix: when training, alpha of `batch_mix` (0: off; not both): each batch's lam ~ Beta(alpha, alpha)
+            and its permutation (within `rows`) are drawn for the whole epoch, after the draws above, so turning
+            them on leaves the order, flips and crops of every batch as they were. Labels then come as (B, K)
+            float class probabilities instead of (B,) int64.
+        mix_prob: the chance that a batch is mixed (CutMix's CIFAR default: 0.5).
+        num_classes: K, needed for mixup and cutmix.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, train: bool, crop: bool = False,
                  flip: bool = True, seed: int = 0, drop_last: bool | None = None, device=None,
-                 channels_last: bool = False, pad: int = 4, rows: slice = slice(None)):
+                 channels_last: bool = False, pad: int = 4, rows: slice = slice(None), cutout: int = 0,
+                 mixup: float = 0.0, cutmix: float = 0.0, mix_prob: float = 1.0, num_classes: int | None = None):
         if x.dtype != torch.uint8 or x.ndim != 4 or y.shape != (len(x),):
             raise DataError(f"Loader: expected uint8 (N, C, H, W) images and (N,) labels, got {x.dtype} "
                             f"{tuple(x.shape)} and {tuple(y.shape)}")
@@ -676,6 +737,13 @@ class Loader:
         self.batch_size, self.train, self.crop, self.flip, self.pad = batch_size, train, crop, flip, pad
         self.seed, self.channels_last, self.rows = seed, channels_last, rows
         self.drop_last = train if drop_last is None else drop_last
+        if mixup and cutmix:
+            raise DataError("Loader: mixup and cutmix: choose one")
+        if (mixup or cutmix) and not num_classes:
+            raise DataError("Loader: mixup and cutmix need num_classes")
+        self.cutout, self.mix_alpha, self.cutmix, self.mix_prob = cutout, mixup or cutmix, bool(cutmix), mix_prob
+        self.num_classes = num_classes
+        self.fill = self.x.float().mean((0, 2, 3)) / 255 if cutout else None
         self.epoch = 0  # the epoch the next iter() runs
         self.start_batch = 0  # the batch the next iter() starts at (for resuming mid-epoch); reset after use
         if len(self) == 0:
@@ -707,6 +775,15 @@ class Loader:
             order = torch.randperm(n, generator=g).to(device)
             flips = (torch.rand(n, generator=g) < 0.5).to(device)
             shifts = torch.randint(-self.pad, self.pad + 1, (n, 2), generator=g).to(device)
+            h, w = self.x.shape[-2:]
+            if self.cutout:
+                centres = torch.stack([torch.randint(h, (n,), generator=g), torch.randint(w, (n,), generator=g)], 1)
+            if self.mix_alpha:
+                nb, local = len(self), len(range(bs)[self.rows])
+                lams = np.random.default_rng(_epoch_seed(self.seed, epoch)).beta(self.mix_alpha, self.mix_alpha, nb)
+                mixed = torch.rand(nb, generator=g) < self.mix_prob
+                perms = torch.rand(nb, local, generator=g).argsort(1)
+                boxes = torch.stack([torch.randint(h, (nb,), generator=g), torch.randint(w, (nb,), generator=g)], 1)
         for i in range(start_batch, len(self)):
             r = range(i * bs, min((i + 1) * bs, n))[self.rows]
             batch = slice(r.start, r.stop, r.step)
@@ -720,4 +797,13 @@ class Loader:
                 images, labels = self.x[batch], self.y[batch]
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            yield images.float().div_(255), labels
+            images = images.float().div_(255)
+            if self.train and self.cutout:
+                images = batch_cutout(images, self.cutout, centres[batch], self.fill)
+            if self.train and self.mix_alpha:
+                labels = F.one_hot(labels, self.num_classes).float()
+                if mixed[i]:
+                    lam = float(lams[i])
+                    box = cutmix_box(lam, h, w, tuple(boxes[i].tolist())) if self.cutmix else None
+                    images, labels = batch_mix(images, labels, lam, perms[i], box)
+            yield images, labels

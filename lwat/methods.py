@@ -37,10 +37,13 @@ class Passes:
         under --amp). sync=False marks a pass whose backward is not the step's last: under DDP that backward
         skips the gradient all-reduce and the step's last backward all-reduces the sum.
     backward(loss): runs backward of `loss` (scaled by the GradScaler under --amp fp16).
+    loss(logits, targets): the training loss: cross-entropy (label-smoothed under --label-smoothing), targets class
+        indices or, under mixup and CutMix, class probabilities.
     """
 
     forward: Callable[..., contextlib.AbstractContextManager] = _no_context
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
 
 
 PLAIN = Passes()
@@ -59,7 +62,7 @@ def plain_step(model, handle, x, y, cfg, run=PLAIN):
     """Baseline, and lat (Algorithm 1): the attached points do the work inside the forward pass."""
     with run.forward():
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = run.loss(logits, y)
     run.backward(loss)
     return loss.detach(), logits.detach()
 
@@ -68,9 +71,9 @@ def lat_joint_step(model, handle, x, y, cfg, run=PLAIN):
     """Ours-joint: alpha * J(clean) + (1 - alpha) * J(perturbed with the previous batch's signs)."""
     with run.forward():
         with handle.paused():  # the clean pass neither perturbs nor touches the cache
-            clean = F.cross_entropy(model(x), y)
+            clean = run.loss(model(x), y)
         logits = model(x)
-        loss = cfg.alpha * clean + (1 - cfg.alpha) * F.cross_entropy(logits, y)
+        loss = cfg.alpha * clean + (1 - cfg.alpha) * run.loss(logits, y)
     run.backward(loss)
     return loss.detach(), logits.detach()
 
@@ -102,7 +105,7 @@ def _clean_term(model, x, y, cfg, run):
     # then the parameter gradients (zero before the step) are weighted by alpha. Not the step's last
     # backward: under DDP the adversarial term's backward all-reduces the sum of both.
     with run.forward(sync=False):
-        loss = F.cross_entropy(model(x), y)
+        loss = run.loss(model(x), y)
     run.backward(loss)
     for p in model.parameters():
         if p.grad is not None:
@@ -113,7 +116,7 @@ def _clean_term(model, x, y, cfg, run):
 def _adversarial_term(model, x, y, cfg, run, clean):
     with run.forward():
         logits = model(x)
-        adv = (1 - cfg.alpha) * F.cross_entropy(logits, y)
+        adv = (1 - cfg.alpha) * run.loss(logits, y)
     run.backward(adv)
     return clean + adv.detach(), logits.detach()
 

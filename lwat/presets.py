@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lwat.paper import eps, figure1, figure2, figure3, table1, table2, table3, table4, table5, table6, table7
+from lwat.paper import (
+    eps, figure1, figure2, figure3, regularizers, table1, table2, table3, table4, table5, table6, table7,
+)
 from lwat.paper.plan import (  # noqa: F401  (re-exported: the API scripts and lwat sweep use)
     SCALES, Analysis, DataSource, Evaluation, Plan, Training, check_scale, data_identity, data_label, resolve_data,
     toy_config,
@@ -21,6 +23,7 @@ from lwat.paper.results import Results, RunResult  # noqa: F401
 from lwat.paper.timings import estimate_cpu_seconds
 
 TABLES = (table1, figure1, table2, figure2, table3, figure3, table4, table5, table6, eps, table7)  # report order
+STUDIES = (regularizers,)  # beyond the paper: reported only when asked for
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class Preset:
     seeds: dict[str, int]  # default number of seeds per scale
     build: Callable[[Plan, dict, int, str], None]  # fills a Plan: (plan, data sources, seeds, device)
     render: Callable[[Results], list[str]]  # markdown lines of the report section
+    draw: Callable | None = None  # (results, out folder) -> None: figures of the section, drawn when it is written
+    study: bool = False  # beyond the paper: a section of its own report only
 
     def plan(self, scale: str, seeds: int | None = None, data: dict | None = None, device: str = "auto") -> Plan:
         """The trainings, evaluations and analyses of this preset at `scale`.
@@ -55,8 +60,8 @@ class Preset:
         return plan
 
 
-PRESETS: dict[str, Preset] = {m.NAME: Preset(m.NAME, m.TITLE, m.PAPER["caption"], m.SEEDS, m.plan, m.render)
-                              for m in TABLES}
+PRESETS: dict[str, Preset] = {m.NAME: Preset(m.NAME, m.TITLE, m.PAPER["caption"], m.SEEDS, m.plan, m.render,
+                                            getattr(m, "draw", None), m in STUDIES) for m in (*TABLES, *STUDIES)}
 
 
 def get_preset(name: str) -> Preset:

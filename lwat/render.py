@@ -46,17 +46,57 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-def claim(text: str, a: Stats | None, b: Stats | None, *, higher: bool = True, unit: str = "%",
-          names=("", "")) -> str:
-    """'- text: **yes** (a vs b)': whether mean a > mean b (or < with higher=False).
+MIN_RUNS = 3  # runs on each side before a difference can be called "yes" or "no"
 
-    Equal means, or a difference smaller than the larger std, make neither: **not shown**, with the reason.
+
+def difference(a, b) -> tuple[float, float | None, float | None, str]:
+    """(mean of a minus mean of b, the 95% confidence interval's low and high ends, how it was computed).
+
+    `a` and `b` are `Stats` or {seed: value}. Two dicts sharing at least two seeds are paired by seed (a t interval
+    on the per-seed differences: lwat gives every method the same initialisation, data subset and batch order for a
+    seed); otherwise Welch's interval from the means and sample stds. The interval is None with fewer than two
+    values on a side (no spread to measure).
     """
-    if a is None or b is None:
+    from scipy.stats import t  # the experiment platform's dependency, not the core's
+
+    if isinstance(a, dict) and isinstance(b, dict) and len(shared := sorted(set(a) & set(b))) >= 2:
+        d = [a[k] - b[k] for k in shared]
+        mean, std, n = stats(d)
+        half = t.ppf(0.975, n - 1) * std / math.sqrt(n)
+        return mean, mean - half, mean + half, f"paired by seed, n = {n}"
+    a, b = (stats(list(v.values())) if isinstance(v, dict) else v for v in (a, b))
+    (ma, sa, na), (mb, sb, nb) = a, b
+    if na < 2 or nb < 2:
+        return ma - mb, None, None, f"n = {na}/{nb}"
+    va, vb = sa ** 2 / na, sb ** 2 / nb
+    if va + vb == 0:
+        return ma - mb, ma - mb, ma - mb, f"Welch, n = {na}/{nb}"
+    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
+    half = t.ppf(0.975, df) * math.sqrt(va + vb)
+    return ma - mb, ma - mb - half, ma - mb + half, f"Welch, n = {na}/{nb}"
+
+
+def verdict(a, b, *, higher: bool = True) -> str:
+    """The one rule every claim of the reports goes through: "yes" when the 95% interval of a - b (`difference`)
+    lies wholly above 0 (below 0 with higher=False), "no" when wholly on the other side, each only with at least
+    MIN_RUNS runs on each side; otherwise "not decided"."""
+    n = [len(v) if isinstance(v, dict) else v[2] for v in (a, b)]
+    _, lo, hi, _ = difference(a, b)
+    if min(n) < MIN_RUNS or lo is None or lo <= 0 <= hi:
+        return "not decided"
+    return "yes" if (lo > 0) == higher else "no"
+
+
+def claim(text: str, a, b, *, higher: bool = True, unit: str = "%", names=("", "")) -> str:
+    """'- text: **verdict** (a vs b; difference and its 95% interval)', the verdict by `verdict`.
+
+    a, b: `Stats`, {seed: value} (paired by seed where both are and the seeds pair), or None (not measured yet).
+    """
+    if a is None or b is None or (isinstance(a, dict) and not a) or (isinstance(b, dict) and not b):
         return f"- {text}: not measured yet"
-    holds = a[0] > b[0] if higher else a[0] < b[0]
-    spread = (" — equal" if a[0] == b[0] else " — within the seeds' spread" if abs(a[0] - b[0]) < max(a[1], b[1])
-              else "")
-    verdict = "not shown" if spread else "yes" if holds else "no"
+    mean_a, mean_b = ((stats(list(v.values())) if isinstance(v, dict) else v)[0] for v in (a, b))
+    diff, lo, hi, how = difference(a, b)
     na, nb = (f"{n} " if n else "" for n in names)
-    return f"- {text}: **{verdict}** ({na}{a[0]:.2f}{unit} vs {nb}{b[0]:.2f}{unit}{spread})"
+    ci = f"95% CI [{lo:+.2f}, {hi:+.2f}]" if lo is not None else "no interval from one run"
+    return (f"- {text}: **{verdict(a, b, higher=higher)}** ({na}{mean_a:.2f}{unit} vs {nb}{mean_b:.2f}{unit}; "
+            f"difference {diff:+.2f}, {ci}; {how})")

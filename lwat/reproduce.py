@@ -230,7 +230,7 @@ def collect(plan: Plan, out, index: dict | None = None) -> Results:
             results.append(extra)
             seed += 1
         runs[group] = _one_data_set(results, index, len(planned))
-    res = Results(plan, runs, {})
+    res = Results(plan, runs, {}, out)
     for job in plan.analyses:
         stored = read_json(out / "analysis" / f"{job.name}.json") or {}
         seeds, waiting = {}, []
@@ -397,8 +397,10 @@ def write_report(out, scale: str, *, targets=(), seeds: int | None = None, data:
         plan = preset.plan(scale, seeds if name in targets else None, data, device)
         res = collect(plan, out, index)
         found = [r for runs in res.runs.values() for r in runs if r.dir is not None]
-        if name not in targets and not found:
+        if name not in targets and (not found or preset.study or any(PRESETS[t].study for t in targets)):
             continue
+        if preset.draw is not None:
+            preset.draw(res, out)
         sections += report.section(preset, res)
         for r in found:
             if r.finished:

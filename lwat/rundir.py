@@ -393,10 +393,17 @@ def load_run(path, device="cpu"):
     try:
         cfg, meta = TrainConfig.from_dict(ckpt["config"]), ckpt["data"]
         model, _ = build(cfg.replace(method="baseline"), meta["num_classes"], tuple(meta["image_shape"]))
-        model.load_state_dict(ckpt["model"])  # attach leaves the keys alone: the plain model takes the weights
+        model.load_state_dict(model_weights(ckpt))  # attach leaves the keys alone: the plain model takes them
     except (ConfigError, RuntimeError, KeyError, TypeError) as e:
         raise ConfigError(f"{ckpt_path}: not an lwat checkpoint of this version ({_first_line(e)})") from None
     return model.to(device).eval(), cfg, meta
+
+
+def model_weights(ckpt: dict) -> dict:
+    """The weights a run yields: its moving average's where it kept one (TrainConfig.ema), else the model's."""
+    if ckpt.get("ema") is None:
+        return ckpt["model"]
+    return {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
 
 
 def load_one(runs: list, analysis: str, device="cpu"):

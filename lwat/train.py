@@ -11,6 +11,7 @@ loss scaling, DDP). Scale: --amp bf16/fp16, --channels-last, --compile, and torc
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import os
@@ -20,11 +21,13 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -68,7 +71,8 @@ def load_data(cfg: TrainConfig):
                         train_subset=cfg.train_subset, val_size=cfg.val_size, seed=cfg.seed)
 
 
-def make_passes(model, handle=None, *, amp: str = "off", device_type: str = "cpu", scaler=None) -> Passes:
+def make_passes(model, handle=None, *, amp: str = "off", device_type: str = "cpu", scaler=None,
+                label_smoothing: float = 0.0) -> Passes:
     """The forward context and backward a method's step runs its passes with (`lwat.methods.Passes`).
 
     Args:
@@ -79,6 +83,7 @@ def make_passes(model, handle=None, *, amp: str = "off", device_type: str = "cpu
         amp: "off", "bf16" or "fp16": the autocast dtype of forward passes and losses (never of backward).
         device_type: "cpu" or "cuda" (autocast's device).
         scaler: a torch.amp.GradScaler (enabled for fp16), or None.
+        label_smoothing: of the training loss, the cross-entropy.
 
     Returns:
         A `Passes`.
@@ -103,7 +108,7 @@ def make_passes(model, handle=None, *, amp: str = "off", device_type: str = "cpu
             handle.grad_scale = scaler.scale(loss.new_ones(()))  # the loss scale, as a tensor: no host sync
         scaler.scale(loss).backward()
 
-    return Passes(forward, backward)
+    return Passes(forward, backward, functools.partial(F.cross_entropy, label_smoothing=label_smoothing))
 
 
 def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto",
@@ -135,6 +140,8 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto"
     if cfg.dataset not in LOADERS:
         raise ConfigError(f"unknown data set {cfg.dataset!r}; known: {', '.join(LOADERS)}")
     model_options(cfg.model)  # unknown model: error before anything is written
+    if cfg.sam and method.passes != 1:
+        raise ConfigError(f"sam: combines with the one-pass methods (baseline, lat, random), not {cfg.method}")
     if resume:
         saved = TrainConfig.from_file(out / CONFIG)
         if saved.replace(device=cfg.device) != cfg:  # the device may change, e.g. CPU -> GPU
@@ -156,19 +163,21 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0]))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
+    ema = make_ema(model, cfg.ema) if cfg.ema else None  # before compiling: the copy is an eager module
     if cfg.compile:
         model.compile()  # in place: the attached root module itself, so lwat can drop its split first-step code
     stepped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model  # attached before wrapping: the caches are plain attributes, never broadcast
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                          weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_drop_every, gamma=1 / cfg.lr_drop_factor)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    run = make_passes(stepped, handle, amp=cfg.amp, device_type=device.type, scaler=scaler)
+    run = make_passes(stepped, handle, amp=cfg.amp, device_type=device.type, scaler=scaler,
+                      label_smoothing=cfg.label_smoothing)
     # The global batch (the same on every rank); each rank gathers and augments only its own rows of it.
     loader = Loader(data.train_x, data.train_y, cfg.batch_size * world, train=True, crop=cfg.crop,
                     flip=cfg.flip, seed=cfg.seed, channels_last=cfg.channels_last,
-                    rows=slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size))
+                    rows=slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size), cutout=cfg.cutout,
+                    mixup=cfg.mixup, cutmix=cfg.cutmix, mix_prob=cfg.mix_prob, num_classes=data.num_classes)
     epoch, start, sums = 0, 0, _new_sums()
     if resume:
         ckpt = rundir.resume_checkpoint(out)
@@ -177,6 +186,8 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
         sched.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):  # saved by an enabled (fp16) scaler
             scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         epoch, start, sums = ckpt["epoch"], ckpt["batch"], ckpt["sums"]
         mine = _rank_state(ckpt, rank, world, out)
         if handle is not None:
@@ -200,11 +211,13 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
         if rank == 0:
             rundir.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                                    **({"ema": ema.state_dict()} if ema is not None else {}),
                                     "perturbation": ranks[0]["perturbation"], "rng": ranks[0]["rng"],
                                     **({"ranks": ranks} if world > 1 else {}), "world_size": world,
                                     "epoch": epoch, "batch": batch, "sums": sums, "config": cfg.to_dict(),
                                     "data": meta}, out)
 
+    step = Step(method, stepped, handle, cfg, run, opt, scaler, ema, model)
     mode = ("bar" if sys.stderr.isatty() else "lines") if progress == "auto" else progress
     mode = mode if rank == 0 else "none"
     steps_done = 0
@@ -215,18 +228,17 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
                        disable=mode != "bar", leave=False, dynamic_ncols=True)
             tick = time.perf_counter()
             for batch, (x, y) in enumerate(loader.iter_from(epoch, start), start=start):
-                opt.zero_grad(set_to_none=True)
-                loss, logits = method.step(stepped, handle, x, y, cfg, run)
+                loss, logits = step.gradients(x, y)
+                labels = y.argmax(1) if y.ndim == 2 else y  # mixup, CutMix: the larger share
                 # One host sync per step, one all-reduce under DDP: summed loss, correct, and any rank stopping.
-                stats = torch.stack([loss.float() * len(y), (logits.argmax(1) == y).sum().float(),
+                stats = torch.stack([loss.float() * len(y), (logits.argmax(1) == labels).sum().float(),
                                      loss.new_tensor(float(stop.is_set()))])
                 if world > 1:
                     dist.all_reduce(stats)
                 loss_sum, correct, stopping = stats.tolist()
                 if not math.isfinite(loss_sum):
                     raise _non_finite(loss_sum, epoch, batch, out, rank)
-                scaler.step(opt)  # opt.step(), unless an fp16 gradient overflowed (then skipped)
-                scaler.update()
+                step.update()
                 sums["loss"] += loss_sum
                 sums["correct"] += round(correct)
                 sums["images"] += len(y) * world
@@ -246,12 +258,13 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
             if world > 1:  # every rank gets rank 0's BatchNorm statistics: the model is then the same everywhere
                 for buffer in model.buffers():
                     dist.broadcast(buffer, 0)
+            tested = model if ema is None else ema.module  # what the run yields
             record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                       "train_loss": sums["loss"] / sums["images"], "train_acc": sums["correct"] / sums["images"],
-                      "test_acc": _accuracy(model, data.test_x, data.test_y, cfg.eval_batch_size, world, device),
+                      "test_acc": _accuracy(tested, data.test_x, data.test_y, cfg.eval_batch_size, world, device),
                       "seconds": sums["seconds"], "images_per_s": sums["images"] / sums["seconds"]}
             if data.val_x is not None:
-                record["val_acc"] = _accuracy(model, data.val_x, data.val_y, cfg.eval_batch_size, world, device)
+                record["val_acc"] = _accuracy(tested, data.val_x, data.val_y, cfg.eval_batch_size, world, device)
             with warnings.catch_warnings():  # resumed after an epoch's last step: no optimizer step in this process
                 warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
                 sched.step()
@@ -266,7 +279,7 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
                 return {"status": "interrupted", "epoch": epoch, "batch": 0, "run_dir": str(out)}
     metrics = None
     if rank == 0:
-        metrics = {**rundir.summarize(rundir.read_log(out), cfg, method.passes), "world_size": world}
+        metrics = {**rundir.summarize(rundir.read_log(out), cfg, method.passes * (2 if cfg.sam else 1)), "world_size": world}
         rundir.write_json(out / rundir.METRICS, metrics)
         rundir.drop_previous(out)
     if world > 1:
@@ -274,6 +287,84 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
         dist.broadcast_object_list(box, src=0)
         metrics = box[0]
     return metrics
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (the paper's), or SAM / adaptive SAM over it (pytorch-optimizer) when cfg.sam."""
+    sgd = dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    if not cfg.sam:
+        return torch.optim.SGD(model.parameters(), **sgd)
+    try:
+        from pytorch_optimizer import SAM
+    except ImportError:
+        raise ConfigError('sam: needs pytorch-optimizer (pip install "lwat[experiments]")') from None
+    return SAM(model.parameters(), torch.optim.SGD, rho=cfg.sam, adaptive=cfg.sam_adaptive, **sgd)
+
+
+def make_ema(model, decay: float):
+    """An exponential moving average of the model's weights and buffers (BatchNorm statistics), updated per step:
+    avg = decay * avg + (1 - decay) * weights (the first update copies). Its `.module` is a copy of the model (an
+    attached model's copy is the plain model in eval mode)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One training step as the loop runs it, in two halves around the loss check: `gradients` (the method's
+    passes, twice under SAM) and `update` (the optimizer, through the fp16 GradScaler or SAM's second step, then the
+    moving average). Benchmarks time exactly this."""
+
+    method: object  # lwat.methods.Method
+    model: torch.nn.Module  # what the passes call (the DDP wrapper under torchrun)
+    handle: object  # the lwat handle, or None
+    cfg: TrainConfig
+    run: Passes
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: object = None  # make_ema's AveragedModel, or None
+    net: torch.nn.Module | None = None  # the model the average follows (inside the DDP wrapper); default `model`
+
+    def gradients(self, x, y):
+        """The parameters' .grad for batch (x, y) (zeroed first); returns the (loss, logits) to log."""
+        self.opt.zero_grad(set_to_none=True)
+        if self.cfg.sam:
+            return sam_step(self.method, self.model, self.handle, x, y, self.cfg, self.run, self.opt)
+        return self.method.step(self.model, self.handle, x, y, self.cfg, self.run)
+
+    def update(self) -> None:
+        if self.cfg.sam:
+            self.opt.second_step()  # back to w, then SGD with the gradient at w + e
+        else:
+            self.scaler.step(self.opt)  # opt.step(), unless an fp16 gradient overflowed (then skipped)
+            self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net if self.net is not None else self.model)
+
+
+def sam_step(method, model, handle, x, y, cfg, run, opt):
+    """SAM's two passes (Foret et al. 2021): the method's step at w, opt.first_step to w + e, the method's step again
+    there; the caller then calls opt.second_step(). BatchNorm statistics are updated by the first pass only (as in
+    the SAM authors' code). With lat, both passes are perturbed with the previous step's signs, and the cache is
+    refreshed by the second pass, whose gradient makes the update. Returns the first pass's (loss, logits)."""
+    from pytorch_optimizer.optimizer.utils import disable_running_stats, enable_running_stats
+
+    capture = handle is not None and handle.capture
+    if handle is not None:
+        handle.capture = False
+    try:
+        loss, logits = method.step(model, handle, x, y, cfg, run)
+    finally:
+        if handle is not None:
+            handle.capture = capture
+    opt.first_step(zero_grad=True)
+    disable_running_stats(model)
+    try:
+        method.step(model, handle, x, y, cfg, run)
+    finally:
+        enable_running_stats(model)
+    return loss, logits
 
 
 def _non_finite(loss_sum: float, epoch: int, batch: int, out: Path, rank: int) -> TrainingError:

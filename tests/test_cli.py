@@ -43,6 +43,11 @@ SMALL = ["--model", "mlp_tanh", "--dataset", "synthetic", "--epochs", "1", "--ba
     (["--eps", "inf"], "eps must be a finite number, got inf"),
     (["--scale", "max"], "unknown scale 'max'"),
     (["--seed", "-1"], "seed must be >= 0, got -1"),
+    (["--mixup", "1", "--cutmix", "1"], "mixup and cutmix: choose one"),
+    (["--method", "fgsm", "--sam", "0.05"], "sam: combines with the one-pass methods"),
+    (["--sam", "0.05", "--amp", "fp16"], "sam: not with --amp fp16"),
+    (["--sam-adaptive"], "sam_adaptive needs a SAM rho"),
+    (["--label-smoothing", "1"], "label_smoothing and ema must be in [0, 1)"),
 ])
 def test_bad_train_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
     code, out, err = run(capsys, "train", *SMALL, "--out", str(tmp_path / "r"), *argv)

@@ -46,9 +46,12 @@ def test_run_directory_contents(tmp_path, device):
         train(cfg, run, progress="none")
 
 
-@pytest.mark.parametrize("method", ["lat", "random", "fgsm-inter"])
-def test_resume_mid_epoch_is_bit_exact(method, tmp_path, device, deterministic):
-    cfg = cfg_for(method, device)
+@pytest.mark.parametrize("method, options", [
+    ("lat", {}), ("random", {}), ("fgsm-inter", {}),
+    ("lat", {"mixup": 1.0, "ema": 0.9, "cutout": 4}), ("lat", {"sam": 0.05, "cutmix": 1.0, "label_smoothing": 0.1}),
+])
+def test_resume_mid_epoch_is_bit_exact(method, options, tmp_path, device, deterministic):
+    cfg = cfg_for(method, device, **options)
     train(cfg, tmp_path / "full", progress="none")
     stopped = train(cfg, tmp_path / "resumed", progress="none", stop_after_steps=7)  # epoch 2, batch 2 of 5
     assert stopped == {"status": "interrupted", "epoch": 1, "batch": 2, "run_dir": str(tmp_path / "resumed")}
@@ -57,6 +60,8 @@ def test_resume_mid_epoch_is_bit_exact(method, tmp_path, device, deterministic):
     b = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    for key, value in (a.get("ema") or {}).items():
+        assert torch.equal(value, b["ema"][key]), key
     for point, cache in a["perturbation"].items():
         assert torch.equal(cache["signs"], b["perturbation"][point]["signs"]), point
     full, resumed = read_log(tmp_path / "full"), read_log(tmp_path / "resumed")

@@ -38,6 +38,7 @@ class Results:
     plan: Plan
     runs: dict[str, list[RunResult]]
     analyses: dict[str, dict]  # name -> {"status": str, "seeds": {seed: rows}, "png": relative path or None}
+    out: Path | None = None  # the reproduction's folder
 
     def finished(self, group: str) -> list[RunResult]:
         return [r for r in self.runs.get(group, []) if r.finished]

@@ -1,0 +1,180 @@
+"""Beyond the paper: is lat worth it against the cheap regularizers people already use, at equal cost?
+
+Table 3's cpu-scale VGG-16-BN (width 1/4, 10,000 CIFAR-10 training images, 30 epochs, flips, the paper's schedule
+shape) trained with each regularizer at its published default, every seed paired (one initialisation, subset and
+batch order per seed, whatever the method), then evaluated clean and under FGSM. Training-time ratios come from
+benchmarks/regularizer_cost.py (steps of every row side by side in one process), stored as OUT/cost.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from lwat.paper.plan import Evaluation, model, protocol
+from lwat.render import claim, difference, fmt, stats, table, verdict
+
+NAME = "regularizers"
+TITLE = "Beyond the paper: lat against label smoothing, mixup, CutMix, cutout, EMA and SAM at equal cost"
+SEEDS = {"smoke": 1, "cpu": 3, "paper": 3}
+PAPER = {"caption": "(not in the paper: a study beyond it, of the question a practitioner asks before adding lat)"}
+FGSM = (0.02, 0.04)  # attack eps of the table, pixel units of [0, 1] images (the paper's two smallest)
+COST = "cost.json"  # benchmarks/regularizer_cost.py's output in OUT
+# group -> (TrainConfig fields over the base, the row as the report names it). Published defaults: label smoothing
+# 0.1 (Szegedy et al. 2016); mixup alpha 1 (Zhang et al. 2018, CIFAR-10); CutMix alpha 1 on half the batches (Yun et
+# al. 2019's CIFAR recipe, cutmix_prob 0.5); cutout 16 px (DeVries and Taylor 2017, CIFAR-10); EMA decay 0.999 per
+# step (a horizon of ~1,000 of the 2,340 steps); SAM rho 0.05 (Foret et al. 2021, CIFAR).
+ROWS = {
+    "baseline": ({"method": "baseline"}, "baseline"),
+    "lat": ({"method": "lat"}, "lat, eps 10 (range scaling)"),
+    "label-smoothing": ({"method": "baseline", "label_smoothing": 0.1}, "label smoothing 0.1"),
+    "cutout": ({"method": "baseline", "cutout": 16}, "cutout 16 px"),
+    "mixup": ({"method": "baseline", "mixup": 1.0}, "mixup, alpha 1"),
+    "cutmix": ({"method": "baseline", "cutmix": 1.0, "mix_prob": 0.5}, "CutMix, alpha 1, half the batches"),
+    "ema": ({"method": "baseline", "ema": 0.999}, "EMA of the weights, decay 0.999"),
+    "random": ({"method": "random"}, "random signs at lat's points (control)"),
+    "sam-half": ({"method": "baseline", "sam": 0.05, "half": True}, "SAM, rho 0.05, half the epochs"),
+    "sam": ({"method": "baseline", "sam": 0.05}, "SAM, rho 0.05, equal epochs"),
+}
+# lat with each of the two best other rows (highest mean clean accuracy once every row has SEEDS["cpu"] seeds; that
+# choice looks at the test set, so only lat+X against X is a claim, never lat+X against the baseline). Empty until
+# then: a later session fills it in from the table.
+COMBINED: tuple[str, ...] = ()
+
+
+def fields(scale: str, device: str, group: str) -> dict:
+    """The TrainConfig fields of one row ("lat+X": X's with method lat) at `scale`."""
+    name = group.removeprefix("lat+")
+    extra = dict(ROWS[name][0], **({"method": "lat"} if name != group else {}))
+    base = {**model(scale, "vgg16_bn"), **protocol(scale, "cifar10", augment=True, device=device)}
+    if extra.pop("half", False):  # half the epochs, lr / 5 at the same fractions (the last, tiniest step dropped)
+        base.update(epochs=max(1, base["epochs"] // 2), lr_drop_every=max(1, base["lr_drop_every"] * 3 // 5))
+    return {**base, **extra}
+
+
+def groups() -> list[str]:
+    return [*ROWS, *(f"lat+{g}" for g in COMBINED)]
+
+
+def plan(plan, data, seeds, device):
+    for group in groups():
+        plan.add(group, data["cifar10"], seeds, stem=f"regularizers-{group}", **fields(plan.scale, device, group))
+        plan.evaluations.append(Evaluation(group, (0.0, *FGSM)))
+    plan.notes.append("Every method at its published default (no tuning, so no validation split); seeds pair: a "
+                      "seed gives every row the same initial weights, training subset and batch order. Verdicts by "
+                      "lwat.render.verdict: a 95% interval of the paired difference clear of 0, 3 seeds or more.")
+
+
+def _by_seed(res, group: str, eps: float | None = None) -> dict[int, float]:
+    """{seed: accuracy %} of the group's finished runs: final test accuracy, or eval.json's under FGSM at eps."""
+    if eps is None:
+        return {r.training.seed: 100 * r.metrics["test_acc"] for r in res.finished(group)}
+    return {r.training.seed: 100 * r.eval["accuracy"][f"{eps:g}"] for r in res.finished(group)
+            if r.eval and f"{eps:g}" in r.eval.get("accuracy", {})}
+
+
+def _cost(res) -> dict:
+    path = res.out / COST if res.out is not None else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+
+def _ratio(cost: dict, group: str) -> float | None:
+    row = cost.get("rows", {}).get(group)
+    return row["time_ratio"] if row else None
+
+
+def _cell(values: dict) -> str:
+    return fmt(stats(list(values.values())), "—")
+
+
+def _diff_cell(a: dict, b: dict) -> str:
+    if not a or not b:
+        return "—"
+    diff, lo, hi, _ = difference(a, b)
+    return f"{diff:+.2f} [{lo:+.2f}, {hi:+.2f}]" if lo is not None else f"{diff:+.2f} (no interval)"
+
+
+def render(res) -> list[str]:
+    cost, base = _cost(res), _by_seed(res, "baseline")
+    rows = []
+    for group in groups():
+        mine = _by_seed(res, group)
+        ratio = _ratio(cost, group)
+        rows.append([ROWS[group][1] if group in ROWS else f"lat + {ROWS[group[4:]][1]}", f"{len(mine)}",
+                     _cell(mine), *(_cell(_by_seed(res, group, e)) for e in FGSM),
+                     f"{ratio:.2f}x" if ratio else "—",
+                     "—" if group == "baseline" else _diff_cell(mine, base),
+                     "—" if group == "baseline" or not mine or not base else verdict(mine, base)])
+    lines = table(["row", "n", "clean test acc %", *(f"FGSM {e:g} acc %" for e in FGSM),
+                   "training time (x baseline)", "clean - baseline, points [95% CI]", "better than baseline?"], rows)
+    lines += ["", "Accuracy: mean ± sample std over seeds. The difference is paired by seed (a t interval on the "
+              "per-seed differences); 'not decided' where the interval spans 0 or a side has fewer than 3 seeds.",
+              _cost_note(cost), ""]
+    if (base or {}) and _by_seed(res, "lat"):
+        lines += ["**" + headline(res) + "**", ""]
+    lines.append("Claims (each by the one rule, lwat.render.verdict):")
+    lat = _by_seed(res, "lat")
+    for group in groups():
+        if group in ("baseline", "lat") or group.startswith("lat+"):
+            continue
+        lines.append(claim(f"lat beats {ROWS[group][1]} on clean accuracy", lat, _by_seed(res, group),
+                           names=("lat", group)))
+    for group in COMBINED:
+        lines.append(claim(f"lat adds to {ROWS[group][1]} (lat+{group} beats {group}, clean)",
+                           _by_seed(res, f"lat+{group}"), _by_seed(res, group), names=(f"lat+{group}", group)))
+    return lines + [""]
+
+
+def _cost_note(cost: dict) -> str:
+    if not cost:
+        return "Training time: no benchmark yet (python benchmarks/regularizer_cost.py writes OUT/cost.json)."
+    return (f"Training time: the median step of each row over the baseline's, measured side by side in one process "
+            f"({cost['steps']} steps each, {cost['machine']}, {cost['date']}; `{cost['command']}`), times the row's "
+            "epochs over the baseline's; evaluation excluded.")
+
+
+def headline(res) -> str:
+    """The study's answer in one sentence, from the verdicts alone."""
+    lat, base = _by_seed(res, "lat"), _by_seed(res, "baseline")
+    others = [g for g in ROWS if g not in ("baseline", "lat") and _by_seed(res, g)]
+    beats = [g for g in others if verdict(lat, _by_seed(res, g)) == "yes"]
+    loses = [g for g in others if verdict(lat, _by_seed(res, g)) == "no"]
+    n = min(len(lat), len(base))
+    cfg = res.finished("baseline")[0].config
+    scale = f"{cfg.model} at width {cfg.width:g}, {cfg.train_subset or 'all'} training images, {cfg.epochs} epochs"
+    first = {"yes": "lat beats the baseline", "no": "lat is worse than the baseline",
+             "not decided": f"lat's gain over the baseline is not decided (n = {n})"}[verdict(lat, base)]
+    return (f"Is lat worth it? At this scale ({scale}): {first}; of the "
+            f"{len(others)} other regularizers with runs, lat beats {len(beats)}{_names(beats)} and loses to "
+            f"{len(loses)}{_names(loses)}; the rest are not decided.")
+
+
+def _names(groups: list[str]) -> str:
+    return f" ({', '.join(groups)})" if groups else ""
+
+
+def draw(res, out) -> None:
+    """OUT/regularizers.png: clean and FGSM accuracy (mean, 95% interval of the mean) against measured cost."""
+    from scipy.stats import t
+
+    from lwat.analysis import _plot
+
+    cost = _cost(res)
+    points = [(g, _ratio(cost, g)) for g in groups() if _by_seed(res, g)]
+    if not points:
+        return
+    fig, axes = _plot.figure(1, 2, panel=(5.6, 4.4))
+    for ax, eps in zip(axes[0], (None, FGSM[0])):
+        for g, ratio in points:
+            mean, std, n = stats(list(_by_seed(res, g, eps).values())) or (math.nan, 0.0, 1)
+            half = t.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else 0.0
+            x = ratio if ratio is not None else math.nan
+            ax.errorbar([x], [mean], yerr=[half], fmt="o" if g != "lat" else "D", capsize=3,
+                        color="C3" if "lat" in g else "C0")
+            ax.annotate(f"{g} (n={n})", (x, mean), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        ax.set_xlabel("training time (x baseline, measured side by side)")
+        ax.set_ylabel("clean test accuracy (%)" if eps is None else f"accuracy under FGSM eps {eps:g} (%)")
+        ax.set_title("clean" if eps is None else f"FGSM, eps {eps:g} (pixel units)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("VGG-16-BN (width 1/4), 10,000 CIFAR-10 images, 30 epochs: mean and 95% CI over seeds", fontsize=9)
+    _plot.save(fig, out / "regularizers.png")
