@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The regularizers study's runs (lwat reproduce regularizers --scale cpu), trained from a worktree of a fixed commit
+# so that work on main never changes code under a running experiment; each finished run's small files (config, host,
+# log, metrics, eval) are copied into main's results/regularizers/runs/ and committed there as it lands.
+#
+#   bash results/regularizers/run_study.sh COMMIT [WORKERS]   # from main's root; resumes whatever is unfinished
+#
+# WORKERS (default 2) `lwat reproduce` processes at one torch thread each share the trainings (each skips runs
+# another is training). Logs: /work/study-logs/. Needs main's .venv (python -m lwat, run from the worktree).
+set -euo pipefail
+commit=${1:?commit to train from}
+workers=${2:-2}
+main=$(pwd)
+tree=/work/study-$commit
+data=$(realpath ../shared/data/cifar10-jpeg.tar.gz)
+logs=/work/study-logs
+mkdir -p "$logs"
+[ -d "$tree" ] || git worktree add --detach "$tree" "$commit"
+cd "$tree"
+export PYTHONPATH="$tree" OMP_NUM_THREADS=1
+py="$main/.venv/bin/python"
+"$py" -c "import lwat, sys; assert lwat.__file__.startswith('$tree'), lwat.__file__"
+for w in $(seq 1 "$workers"); do
+  nohup nice -n 10 "$py" -m lwat reproduce regularizers --scale cpu --out results/regularizers --data-dir "$data" \
+    --device cpu --progress lines >> "$logs/worker$w.log" 2>&1 &
+  sleep 20  # the next worker finds the first run locked
+done
+# Harvest: evaluate finished runs (clean + FGSM at the study's eps), copy their small files to main, commit each.
+nohup bash -c '
+while pgrep -f "lwat reproduce regularizers" > /dev/null; do
+  for run in results/regularizers/runs/*/; do
+    name=$(basename "$run")
+    [ -f "$run/metrics.json" ] || continue
+    [ -f "$run/eval.json" ] || nice -n 10 "'"$py"'" -m lwat eval "$run" --eps 0 0.02 0.04 --device cpu > /dev/null 2>&1 || continue
+    dest="'"$main"'/results/regularizers/runs/$name"
+    [ -f "$dest/eval.json" ] && continue
+    mkdir -p "$dest"
+    cp "$run"/{config,host,metrics,eval}.json "$run/log.jsonl" "$dest/"
+    (cd "'"$main"'" && git add "results/regularizers/runs/$name" &&
+     git commit -q -m "regularizers study: $name (trained from '"$commit"')" -- "results/regularizers/runs/$name") || true
+  done
+  sleep 120
+done' >> "$logs/harvest.log" 2>&1 &
+echo "workers: $workers; worktree: $tree; logs: $logs"
