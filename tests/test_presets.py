@@ -427,7 +427,7 @@ def test_the_seeds_line_counts_planned_and_further_seeds_apart(smoke_out, tmp_pa
     shutil.copytree(smoke_out, out, ignore=shutil.ignore_patterns("analysis"))
     before = sections(Path(reproduce("table5", out=out, **SMOKE)["report"]).read_text())["table5"]
     planned = int(before.split(" planned trainings finished")[0].rsplit(" of ", 1)[1])
-    assert f"{planned} of {planned} planned trainings finished (rows" in before
+    assert f"{planned} of {planned} planned trainings finished (a table row" in before
     source = next((out / "runs").glob("vgg-noaug-cifar10-baseline-seed0-*"))
     extra = out / "runs" / source.name.replace("-seed0-", "-seed1-")
     shutil.copytree(source, extra)

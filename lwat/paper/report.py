@@ -87,6 +87,26 @@ def _setup(res: Results) -> list[str]:
             f"{cfgs[0].weight_decay:g}; layerwise eps {eps}",
             f"- Seeds: {plan.seeds} planned per row; {len(finished) - extra} of {len(plan.trainings)} planned "
             f"trainings finished" + (f", and {extra} further seed(s) found" if extra else "") +
-            " (rows average every finished seed, n below)",
+            " (a table row gives its n; an analysis states the seeds it used)",
             f"- Wall time (the logs' training seconds, evaluation excluded): {hours(train_seconds(finished))}; "
-            f"hardware: {hardware(finished)}"]
+            f"hardware: {hardware(finished)}",
+            provenance(res)]
+
+
+def provenance(res: Results) -> str:
+    """Which rows mix machines or lwat commits, and how many runs lack those records (host.json)."""
+    mixed, missing = [], Counter()
+    for group, runs in res.runs.items():
+        done = [r for r in runs if r.finished]
+        machines = {machine(r.host) for r in done if r.host}
+        commits = {(r.host or {}).get("lwat") for r in done if (r.host or {}).get("lwat")}
+        if len(machines) > 1 or len(commits) > 1:
+            mixed.append(f"{group} ({len(machines)} machines, {len(commits)} commits)")
+        for r in done:
+            host = r.host or {}
+            missing["machine"] += not host
+            missing["lwat commit"] += not host.get("lwat")
+            missing["data sha256"] += not host.get("data_sha256")
+    lacking = ", ".join(f"{k}: {n}" for k, n in missing.items() if n) or "none"
+    return (f"- Provenance: rows mixing machines or lwat commits: {'; '.join(mixed) or 'none'}; finished runs "
+            f"lacking a record of {lacking}")
