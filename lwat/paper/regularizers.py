@@ -68,7 +68,7 @@ def plan(plan, data, seeds, device):
 def _by_seed(res, group: str, eps: float | None = None) -> dict[int, float]:
     """{seed: accuracy %} of the group's finished runs: final test accuracy, or eval.json's under FGSM at eps."""
     if eps is None:
-        return {r.training.seed: 100 * r.metrics["test_acc"] for r in res.finished(group)}
+        return res.by_seed(group)
     return {r.training.seed: 100 * r.eval["accuracy"][f"{eps:g}"] for r in res.finished(group)
             if r.eval and f"{eps:g}" in r.eval.get("accuracy", {})}
 

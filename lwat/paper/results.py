@@ -54,6 +54,10 @@ class Results:
         """Stats over the group's finished runs of metrics[key] in %."""
         return stats([100 * r.metrics[key] for r in self.finished(group) if key in r.metrics])
 
+    def by_seed(self, group: str, key: str = "test_acc") -> dict[int, float]:
+        """{seed: metrics[key] in %} of the group's finished runs: what `lwat.render.claim` pairs by seed."""
+        return {r.training.seed: 100 * r.metrics[key] for r in self.finished(group) if key in r.metrics}
+
     def cell(self, group: str, key: str = "test_acc") -> str:
         """`acc` as "mean ± std", or why there is none."""
         return fmt(self.acc(group, key), self.status(group))
