@@ -795,8 +795,6 @@ class Loader:
                     images = batch_flip_lr(images, flips[batch])
             else:
                 images, labels = self.x[batch], self.y[batch]
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             images = images.float().div_(255)
             if self.train and self.cutout:
                 images = batch_cutout(images, self.cutout, centres[batch], self.fill)
@@ -806,4 +804,6 @@ class Loader:
                     lam = float(lams[i])
                     box = cutmix_box(lam, h, w, tuple(boxes[i].tolist())) if self.cutmix else None
                     images, labels = batch_mix(images, labels, lam, perms[i], box)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             yield images, labels

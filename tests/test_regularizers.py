@@ -204,3 +204,11 @@ def test_sam_with_lat_refreshes_the_cache_from_the_second_pass():
     model[1].register_forward_hook(lambda m, i, o: act.setdefault("a", o.retain_grad() or o))
     F.cross_entropy(model(x), y).backward()
     assert torch.equal(got, act["a"].grad.sign().to(torch.int8))
+
+
+def test_augmented_batches_keep_channels_last():
+    ds = data()
+    for options in ({"cutout": 4}, {"mixup": 1.0}, {"cutmix": 1.0}):
+        x, _ = next(iter(Loader(ds.train_x, ds.train_y, 16, train=True, channels_last=True, num_classes=10,
+                                **options)))
+        assert x.is_contiguous(memory_format=torch.channels_last), options
