@@ -61,10 +61,11 @@ def rank_entry(saved: dict, rank: int, world_size: int, *, device=None, any_worl
 def _entries(saved: dict) -> tuple[int, dict[int, dict]]:
     ranks = saved.get("ranks")
     if ranks is None:  # the trainer's one-process layout: the entry's keys beside the checkpoint's others
-        return saved.get("world_size", 1), {0: {KEY: saved.get(KEY), **({"rng": saved["rng"]} if "rng" in saved else {})}}
+        return saved.get("world_size", 1), {0: {k: saved.get(k) for k in (KEY, "rng") if k in saved or k == KEY}}
     if isinstance(ranks, list):  # the trainer's layout for several processes, in rank order
         return saved.get("world_size", len(ranks)), dict(enumerate(ranks))
-    return saved.get("world_size", 1), {rank: e if _is_entry(e) else {KEY: e} for rank, e in ranks.items()}  # {rank: cache}
+    # {rank: entry}, or the callbacks' older {rank: cache}
+    return saved.get("world_size", 1), {rank: e if _is_entry(e) else {KEY: e} for rank, e in ranks.items()}
 
 
 def _is_entry(value) -> bool:

@@ -251,3 +251,17 @@ def test_full_disk_at_a_checkpoint_is_one_line_exit_2_and_resume_works(save_numb
     assert code == 0, err
     assert [r["epoch"] for r in rundir.read_log(run)] == [1, 2, 3]
     assert not list(run.glob("*.tmp"))
+
+
+COMMITTED = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "results").rglob(rundir.CONFIG))
+
+
+@pytest.mark.skipif(not COMMITTED, reason="no committed runs under results/")
+def test_every_committed_run_reads():
+    """Every run directory committed under results/ (results/*/runs/* and deeper) still reads with this lwat."""
+    for run in COMMITTED:
+        view = rundir.read_run(run)
+        assert isinstance(view.config, TrainConfig), run
+        assert [r["epoch"] for r in view.log] == list(range(1, len(view.log) + 1)), run
+        if view.finished:
+            assert view.metrics["status"] == "finished" and view.metrics["epochs"] == len(view.log), run
