@@ -142,14 +142,19 @@ def _os_error(e: BaseException) -> OSError | None:
 
 
 def state_bytes(state) -> int:
-    """The bytes of every tensor in `state` (nested dicts, lists, tuples): about the size of its checkpoint file."""
-    if isinstance(state, torch.Tensor):
-        return state.untyped_storage().nbytes() if state.device.type != "meta" else 0
-    if isinstance(state, dict):
-        return sum(state_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(state_bytes(v) for v in state)
-    return 0
+    """The bytes of the tensors in `state` (nested dicts, lists, tuples), each storage once, as torch.save writes
+    them: about the size of its checkpoint file."""
+    storages, todo = {}, [state]
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            storages[(obj.device, storage.data_ptr())] = storage.nbytes()
+        elif isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            todo.extend(obj)
+    return sum(storages.values())
 
 
 def read_checkpoint(path) -> dict:

@@ -40,7 +40,7 @@ from lwat import cache, rundir
 from lwat.config import ConfigError, TrainConfig, resolve_device
 from lwat.data import LOADERS, Loader
 from lwat.evaluate import accuracy
-from lwat.experiment import build, load_data  # noqa: F401  (public here too: benchmarks and tests import them)
+from lwat.experiment import build, load_data  # public here too: benchmarks and tests import them from here
 from lwat.methods import Passes, get_method
 from lwat.models import model_options
 from lwat.rundir import CONFIG
@@ -48,12 +48,9 @@ from lwat.rundir import CONFIG
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # TrainConfig.amp -> autocast dtype
 
 
-def _new_sums():
-    return {"loss": 0.0, "correct": 0, "images": 0, "seconds": 0.0}
-
-
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message says why and what was kept."""
+    """Training cannot go on (a non-finite loss, a checkpoint that cannot be written: a full disk); the message says
+    why and what was kept."""
 
 
 def make_passes(model, handle=None, *, amp: str = "off", device_type: str = "cpu", scaler=None,
@@ -168,6 +165,10 @@ class _Training:
     scaler: torch.amp.GradScaler
     loader: Loader  # the global batches, this rank's rows of each
     step: Step
+
+
+def _new_sums():
+    return {"loss": 0.0, "correct": 0, "images": 0, "seconds": 0.0}
 
 
 @dataclass
