@@ -7,7 +7,8 @@ Lightning and Hugging Face callbacks.
 method; or saved before the first backward). Each process perturbs with the gradient of its own previous batch
 (never broadcast, as in the paper), so each saves and resumes its own entry. A checkpoint holds every rank's entry
 (the trainer, Lightning) or its own process's (Hugging Face: one file per process). An entry may carry more of its
-process's state beside the cache (the trainer's "rng").
+process's state beside the cache (the trainer's "rng"). The trainer's checkpoint holds this form among its other keys,
+and rank 0's entry once more at its top level ("perturbation", "rng"), where lwat before this module read it.
 
 `rank_entry` also reads the layouts written before this module: the trainer's "ranks" as a list in rank order, or
 no "ranks" at all (one process: "perturbation" and "rng" beside the checkpoint's other keys), and the callbacks'
