@@ -19,8 +19,9 @@ from torch import nn
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    # Eval inside; every submodule's own flag restored after (a model may mix train and eval parts).
+def eval_mode(model: nn.Module):
+    """The model in eval mode inside the block; after it, every submodule's own train/eval flag is restored (a model
+    may mix train and eval parts), also when the block raises. Yields the model."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -36,16 +37,27 @@ def _check(images: torch.Tensor, labels: torch.Tensor, eps: float) -> None:
                         f"{tuple(images.shape)}; divide uint8 images by 255 first")
     if labels.shape != images.shape[:1]:
         raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
-    _check_eps(eps)
+    check_eps(eps)
 
 
-def _check_eps(eps) -> None:
+def check_eps(eps) -> None:
+    """ValueError unless `eps` is a real number >= 0 (Python or numpy; not a bool): an attack radius in pixel units."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:  # numpy numbers too
         raise ValueError(f"eps must be a number >= 0 (pixel units), got {eps!r}")
 
 
-def _input_gradient(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # d CE(model(x), labels) / dx, mean over the batch; parameters get no .grad.
+def input_gradient(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """d CE(model(x), labels) / dx, the loss a mean over the batch, in the model's current mode; no parameter's .grad
+    is written.
+
+    Args:
+        model: classifier taking (N, C, H, W) images and returning (N, classes) logits.
+        x: float (N, C, H, W) images.
+        labels: int64 (N,) labels.
+
+    Returns:
+        float (N, C, H, W), detached.
+    """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         loss = F.cross_entropy(model(x), labels)
@@ -66,13 +78,22 @@ def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: floa
         Adversarial images, float (N, C, H, W) in [0, 1], detached.
     """
     _check(images, labels, eps)
-    with _eval_mode(model):
-        grad = _input_gradient(model, images, labels)
-    return _fgsm_step(images.detach(), grad.sign(), eps)
+    with eval_mode(model):
+        grad = input_gradient(model, images, labels)
+    return fgsm_step(images.detach(), grad.sign(), eps)
 
 
-def _fgsm_step(images: torch.Tensor, sign: torch.Tensor, eps: float) -> torch.Tensor:
-    # x + eps * sign(grad), kept a valid image
+def fgsm_step(images: torch.Tensor, sign: torch.Tensor, eps: float) -> torch.Tensor:
+    """FGSM's image for a given gradient sign: images + eps * sign, clipped to [0, 1] (a valid image).
+
+    Args:
+        images: float (N, C, H, W) in [0, 1].
+        sign: the sign of the input gradient, same shape (`input_gradient(...).sign()`).
+        eps: pixel units.
+
+    Returns:
+        A new float (N, C, H, W) tensor in [0, 1].
+    """
     return (images + eps * sign).clamp_(0, 1)
 
 
@@ -108,9 +129,9 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
         device = generator.device if generator is not None else x0.device
         noise = torch.rand(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
         x = torch.minimum(torch.maximum(x + (2 * noise - 1) * eps, lo), hi)
-    with _eval_mode(model):
+    with eval_mode(model):
         for _ in range(steps):
-            grad = _input_gradient(model, x, labels)
+            grad = input_gradient(model, x, labels)
             x = torch.minimum(torch.maximum(x + step_size * grad.sign(), lo), hi)
     return x
 

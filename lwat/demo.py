@@ -1,4 +1,4 @@
-"""`lwat demo`: baseline vs lat on scikit-learn's embedded digits, a table and a PNG of the training curves.
+"""`lwat demo`: baseline vs lat on scikit-learn's embedded digits, a table and a PNG of what the table compares.
 
 Nothing to download. The model is the paper's toy net (`mlp_tanh`: two tanh layers of 1024 and 512
 units, Section 3.4) on the 8x8 digits; its two hidden Linear layers are the perturbation points.
@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from lwat import rundir
-from lwat.analysis import curves
 from lwat.config import ConfigError, TrainConfig, resolve_device
 from lwat.data import load_dataset
 from lwat.evaluate import robustness
@@ -38,7 +37,7 @@ def demo_config(method: str, seed: int, epochs: int, device: str) -> TrainConfig
 
 
 def run_demo(out, *, epochs: int = 30, seeds: int = 5, device: str = "auto") -> str:
-    """Train (or reuse) baseline and lat runs under `out`, evaluate them, plot the curves.
+    """Train (or reuse) baseline and lat runs under `out`, evaluate them, plot them (`plot`).
 
     Returns:
         The comparison table (markdown), also written to out/demo.md; the plot is out/curves.png.
@@ -63,11 +62,46 @@ def run_demo(out, *, epochs: int = 30, seeds: int = 5, device: str = "auto") -> 
             acc = robustness(model, data.test_x, data.test_y, (0.0, *EPS))
             log = rundir.read_log(run)
             results.setdefault(method, []).append({**acc, "images_per_s": log[-1]["images_per_s"]})
-            logs[f"{method} seed {seed}"] = log
-    curves.plot(curves.compute(logs), out / "curves.png")
+            logs.setdefault(method, []).append(log)
+    plot(results, logs, out / "curves.png")
     text = _table(results, epochs, seeds, len(data.test_y))
     (out / "demo.md").write_text(text + "\n")
     return text
+
+
+def plot(results: dict, logs: dict, path) -> None:
+    """The demo's picture of its table, one colour per method, the mean over seeds with a band of ± one sample std
+    (the table's mean ± std): test error (%) per epoch, and accuracy (%) under FGSM against eps (0: clean) after
+    training. PNG to `path`.
+
+    Args:
+        results: {method: [{eps: accuracy (fraction), ...} per seed]}, eps 0.0 and `EPS`.
+        logs: {method: [per-epoch log records per seed]}, every seed with the same epochs.
+        path: the PNG's path.
+    """
+    from lwat.analysis import _plot
+
+    seeds = len(next(iter(results.values())))
+    fig, axes = _plot.figure(1, 2, panel=(4.6, 3.6))
+    errors, robust = axes[0]
+    eps = (0.0, *EPS)
+    for i, method in enumerate(results):
+        color = f"C{i}"
+        epochs = [r["epoch"] for r in logs[method][0]]
+        _plot.mean_band(errors, epochs, [[100 * (1 - r["test_acc"]) for r in log] for log in logs[method]],
+                        color=color, label=method, marker=".")
+        _plot.mean_band(robust, eps, [[100 * r[e] for e in eps] for r in results[method]], color=color, label=method)
+    errors.set(xlabel="epoch", ylabel="test error (%)", title="clean test error per epoch")
+    errors.xaxis.get_major_locator().set_params(integer=True)
+    robust.set(xlabel="FGSM eps (pixel units of [0, 1] images; 0 = clean)", ylabel="test accuracy (%)",
+               title="accuracy under FGSM after training", xticks=eps)
+    for ax in (errors, robust):
+        ax.grid(alpha=0.3)
+    handles, labels = errors.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", title="method")
+    band = "band: ± 1 std over seeds" if seeds > 1 else "one seed, no band"
+    fig.suptitle(f"lwat demo: digits, mlp_tanh, mean over {seeds} seed(s) ({band})", fontsize=10)
+    _plot.save(fig, path)
 
 
 def _table(results: dict, epochs: int, seeds: int, n_test: int) -> str:

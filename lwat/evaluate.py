@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lwat.attacks import _check_eps, _eval_mode, _fgsm_step, _input_gradient, get_attack
+from lwat.attacks import check_eps, eval_mode, fgsm_step, get_attack, input_gradient
 from lwat.perturb import DIRECTIONS, attach
 
 FGSM_EPS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1)  # the paper's FGSM eps (Tables 2 and 4), pixel units of [0, 1] images
@@ -51,8 +51,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     craft_on = model if source is None else source
     craft_device = model_device(craft_on)
     correct = 0
-    with _eval_mode(model):
-        for xb, yb in _batches(x, y, batch_size, device):
+    with eval_mode(model):
+        for xb, yb in batches(x, y, batch_size, device):
             if use_attack:
                 xb = attack_fn(craft_on, xb.to(craft_device), yb.to(craft_device), eps, **attack_kwargs).to(device)
             with torch.no_grad():
@@ -93,19 +93,19 @@ def _fgsm_sweep(model, x, y, eps_list, batch_size, progress) -> dict[float, floa
     # each eps costs one forward pass: the same numbers as accuracy(attack="fgsm") for each eps, at about a third
     # of the cost for several eps.
     for e in eps_list:
-        _check_eps(e)
+        check_eps(e)
     device = model_device(model)
     correct = dict.fromkeys(eps_list, 0)
-    batches = _batches(x, y, batch_size, device)
+    stream = batches(x, y, batch_size, device)
     if progress:
         from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="fgsm", total=-(-len(y) // batch_size), leave=False)
-    with _eval_mode(model):
-        for xb, yb in batches:
-            sign = _input_gradient(model, xb, yb).sign() if any(eps_list) else None
+        stream = tqdm(stream, desc="fgsm", total=-(-len(y) // batch_size), leave=False)
+    with eval_mode(model):
+        for xb, yb in stream:
+            sign = input_gradient(model, xb, yb).sign() if any(eps_list) else None
             with torch.no_grad():
                 for e in eps_list:
-                    xe = xb if e == 0 else _fgsm_step(xb, sign, e)
+                    xe = xb if e == 0 else fgsm_step(xb, sign, e)
                     correct[e] += (model(xe).argmax(1) == yb).sum().item()
     return {e: c / len(y) for e, c in correct.items()}
 
@@ -153,17 +153,17 @@ def layerwise_attack_outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; known: {', '.join(DIRECTIONS)}")
     if input_only:
-        _check_eps(eps)  # (the points' eps is checked by attach)
+        check_eps(eps)  # (the points' eps is checked by attach)
     device = model_device(model)
     preds: list[torch.Tensor] = []
-    with _eval_mode(model), _seeded(seed, device), _capture_last_linear_input(model, features) as feats:
+    with eval_mode(model), _seeded(seed, device), last_linear_inputs(model, features) as feats:
         if input_only:
             preds = _input_only_pass(model, x, y, eps, batch_size, direction, device)
         else:
             handle = attach(model, eps, scale="fixed", points=points, direction=direction)
             try:
                 with handle.evaluating(), _frozen(model):
-                    for xb, yb in _batches(x, y, batch_size, device):
+                    for xb, yb in batches(x, y, batch_size, device):
                         # Parameters are frozen and the input requires grad, so the graph still reaches every
                         # point and backward() refreshes their cache (Eq. 5) without touching any parameter
                         # .grad.
@@ -180,7 +180,7 @@ def layerwise_attack_outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 def _input_only_pass(model, x, y, eps, batch_size, direction, device) -> list[torch.Tensor]:
     # Control of Section 3.3: previous-batch signs at the input layer only; same batch-size rule as perturb.py.
     preds, signs = [], None
-    for xb, yb in _batches(x, y, batch_size, device):
+    for xb, yb in batches(x, y, batch_size, device):
         n = len(xb)
         usable = signs is not None and signs.shape[1:] == xb.shape[1:] and n <= len(signs)
         if usable:
@@ -210,8 +210,8 @@ def penultimate_features(model: nn.Module, x: torch.Tensor, *, batch_size: int =
         float (N, F) features on the CPU.
     """
     device = model_device(model)
-    with _eval_mode(model), torch.no_grad(), _capture_last_linear_input(model, True) as feats:
-        for xb, _ in _batches(x, None, batch_size, device):
+    with eval_mode(model), torch.no_grad(), last_linear_inputs(model, True) as feats:
+        for xb, _ in batches(x, None, batch_size, device):
             model(xb)
     return torch.cat(feats)
 
@@ -234,7 +234,10 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def _capture_last_linear_input(model: nn.Module, enabled: bool):
+def last_linear_inputs(model: nn.Module, enabled: bool = True):
+    """Inside the block, every forward pass appends the input of the model's last nn.Linear (`last_linear`),
+    flattened to (B, F), detached, on the CPU, to the yielded list; enabled=False yields an empty list and records
+    nothing. The hook is removed after the block."""
     feats: list[torch.Tensor] = []
     if not enabled:
         yield feats
@@ -270,9 +273,20 @@ def _seeded(seed: int | None, device: torch.device):
         yield
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int,
-             device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    # Yields (float images in [0, 1] on device, labels on device) in order; uint8 is divided by 255.
+def batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int,
+            device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Yields (float images in [0, 1], int64 labels or None) on `device`, `batch_size` at a time, in order.
+
+    Args:
+        x: uint8 (N, C, H, W) in 0..255 (divided by 255) or float in [0, 1] (copied).
+        y: (N,) labels, or None.
+        batch_size: images per batch (the last may be smaller).
+        device: where each batch goes.
+
+    Raises:
+        ValueError: labels of another length, batch_size < 1, no images, float images outside [0, 1].
+        TypeError: images neither uint8 nor float.
+    """
     if y is not None and len(y) != len(x):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
     if batch_size < 1:

@@ -15,7 +15,8 @@ A run directory holds
     reproduce.lock      held by `lwat reproduce` while it trains there
 Every file is written atomically (a temporary file beside it, then renamed): a reader sees the old or the new one.
 While a run trains, its process holds a lock on the directory itself (`claim`).
-`lwat.train` writes a run through these functions; `lwat.reproduce`, `lwat analyze` and `lwat eval` read it back.
+`lwat.train` writes a run through these functions; `lwat.reproduce`, `lwat analyze` and `lwat eval` read it back
+(models and data rebuilt with `lwat.experiment`, as the trainer builds them).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import lwat
 from lwat.config import ConfigError, TrainConfig, resolve_device
 from lwat.data import CIFAR, cache_root
 from lwat.evaluate import FGSM_EPS, robustness
+from lwat.experiment import build, load_data
 
 CONFIG, HOST, LOG, METRICS, EVAL = "config.json", "host.json", "log.jsonl", "metrics.json", "eval.json"
 CHECKPOINT, PREVIOUS, LOCK = "checkpoint.pt", "checkpoint.prev.pt", "reproduce.lock"
@@ -112,10 +114,47 @@ def read_json(path):
 
 def save_checkpoint(state: dict, run_dir) -> None:
     """Write `state` as run_dir/checkpoint.pt. The new file is written beside it and read back first; only then does
-    the current checkpoint become checkpoint.prev.pt and the new one take its name."""
+    the current checkpoint become checkpoint.prev.pt and the new one take its name.
+
+    Raises:
+        OSError: the write failed (errno ENOSPC: the disk is full); the current checkpoint is then untouched.
+    """
     run_dir = Path(run_dir)
-    with _atomic(run_dir / CHECKPOINT, "wb", check=read_checkpoint, previous=run_dir / PREVIOUS) as f:
-        torch.save(state, f)
+    try:
+        with _atomic(run_dir / CHECKPOINT, "wb", check=read_checkpoint, previous=run_dir / PREVIOUS) as f:
+            torch.save(state, f)
+    except RuntimeError as e:  # torch's zip writer turns the file's OSError into "RuntimeError: ... unexpected pos"
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    # The OSError an exception was raised in handling of (or from), if any.
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def state_bytes(state) -> int:
+    """The bytes of the tensors in `state` (nested dicts, lists, tuples), each storage once, as torch.save writes
+    them: about the size of its checkpoint file."""
+    storages, todo = {}, [state]
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            storages[(obj.device, storage.data_ptr())] = storage.nbytes()
+        elif isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            todo.extend(obj)
+    return sum(storages.values())
 
 
 def read_checkpoint(path) -> dict:
@@ -383,8 +422,6 @@ def load_run(path, device="cpu"):
     Returns:
         (model, cfg, meta) with meta = {"num_classes", "image_shape", "classes"}.
     """
-    from lwat.train import build  # the loop imports this module
-
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no run directory or checkpoint file there")
@@ -431,8 +468,6 @@ def evaluate_run(path, *, eps_list=FGSM_EPS, attack: str = "fgsm", device="auto"
     Returns:
         {"run", "attack", "accuracy": {eps as text: fraction} for `eps_list`, "path" (of eval.json)}.
     """
-    from lwat.train import load_data  # the loop imports this module
-
     device = resolve_device(device)
     model, cfg, _ = load_run(path, device)
     if data_dir is not None:

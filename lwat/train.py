@@ -1,7 +1,10 @@
 """One method-agnostic training loop: build, step, checkpoint, resume bit-exact, stop on signals, log.
 
+`train` reads as the loop it is: `_setup` (data, model, optimizer, loader: built by `lwat.experiment`), `_resume`,
+then epochs of `_train_epoch` and `_end_epoch`, each ended by `_save_checkpoint`, and `_finish`.
 What a run directory holds and how it is written (atomic files, a checkpoint at every epoch end and on SIGINT/SIGTERM
-at the next step boundary, the previous checkpoint kept) is `lwat.rundir`'s; this file only calls it.
+at the next step boundary, the previous checkpoint kept) is `lwat.rundir`'s, and the perturbation cache's saved form
+is `lwat.cache`'s; this file only calls them.
 The loop knows nothing about methods beyond `lwat.methods.Method`: what is perturbed happens in the model
 (lwat.attach) and in the method's step, which runs its passes through the `Passes` the loop gives it (autocast,
 loss scaling, DDP). Scale: --amp bf16/fp16, --channels-last, --compile, and torchrun for several processes
@@ -11,17 +14,19 @@ loss scaling, DDP). Scale: --amp bf16/fp16, --channels-last, --compile, and torc
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gc
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,44 +36,21 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import lwat
-from lwat import rundir
+from lwat import cache, rundir
 from lwat.config import ConfigError, TrainConfig, resolve_device
-from lwat.data import LOADERS, Loader, load_dataset
+from lwat.data import LOADERS, Loader
 from lwat.evaluate import accuracy
+from lwat.experiment import build, load_data  # public here too: benchmarks and tests import them from here
 from lwat.methods import Passes, get_method
-from lwat.models import build_model, model_options
+from lwat.models import model_options
 from lwat.rundir import CONFIG
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # TrainConfig.amp -> autocast dtype
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message says why and what was kept."""
-
-
-def build(cfg: TrainConfig, num_classes: int, image_shape: tuple[int, int, int]):
-    """The model of `cfg` (fresh weights from the global RNG) and its lwat handle (None for input-space methods)."""
-    method = get_method(cfg.method)
-    accepted = model_options(cfg.model)
-    options = {"in_channels": image_shape[0]}
-    if "image_size" in accepted:
-        options["image_size"] = image_shape[1]
-    if cfg.width != 1.0:
-        options["width"] = cfg.width
-    if cfg.dropout or "dropout" in accepted:
-        options["dropout"] = cfg.dropout
-    model = build_model(cfg.model, num_classes, **options)
-    handle = None
-    if method.layerwise:
-        handle = lwat.attach(model, cfg.eps, scale=cfg.scale, depth=cfg.depth, direction=method.direction,
-                             kernels=cfg.kernels)
-    return model, handle
-
-
-def load_data(cfg: TrainConfig):
-    return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, grayscale=cfg.grayscale,
-                        train_subset=cfg.train_subset, val_size=cfg.val_size, seed=cfg.seed)
+    """Training cannot go on (a non-finite loss, a checkpoint that cannot be written: a full disk); the message says
+    why and what was kept."""
 
 
 def make_passes(model, handle=None, *, amp: str = "off", device_type: str = "cpu", scaler=None,
@@ -120,9 +102,9 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto"
     trains a DistributedDataParallel replica: gloo on CPU, nccl on CUDA with device cuda:LOCAL_RANK. Each global
     batch of the loader (batch_size x WORLD_SIZE images, deterministic from seed and epoch) is split in rank
     order, batch_size images per process. Each process keeps its own perturbation cache from its own previous
-    batch (never broadcast, as in the paper); the checkpoint holds every rank's cache and RNG state, so a resume
-    with the same number of processes is exact. Rank 0 alone writes the run directory; on resume every rank
-    reads it (across nodes: a file system all nodes share).
+    batch (never broadcast, as in the paper); the checkpoint holds every rank's cache and RNG state (`lwat.cache`),
+    so a resume with the same number of processes is exact. Rank 0 alone writes the run directory; on resume every
+    rank reads it (across nodes: a file system all nodes share).
 
     Args:
         cfg: the configuration (with resume=True it must equal the run's saved config).
@@ -134,6 +116,11 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto"
     Returns:
         The final metrics (also in metrics.json), or {"status": "interrupted", ...} when stopped early;
         the same on every rank.
+
+    Raises:
+        ConfigError: a config or run directory that cannot be trained (before anything is written).
+        TrainingError: training cannot go on (a non-finite loss, a checkpoint that cannot be written); the
+            message says what was kept.
     """
     out = Path(out)
     method = get_method(cfg.method)
@@ -151,11 +138,77 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto"
     with _process_group(cfg.device) as (rank, world, device), \
             rundir.claim(out, resume=resume) if rank == 0 else contextlib.nullcontext():  # rank 0 writes the run
         # In a function of its own, so the DDP wrapper is gone before the process group is destroyed.
-        return _train(cfg, out, method=method, resume=resume, progress=progress, stop_after_steps=stop_after_steps,
-                      rank=rank, world=world, device=device)
+        return _run(cfg, out, method=method, resume=resume, progress=progress, stop_after_steps=stop_after_steps,
+                    rank=rank, world=world, device=device)
 
 
-def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world, device) -> dict:
+# ----------------------------------------------------------------------------------------------------------------
+# The loop: set up, resume (or start), epochs of steps, a checkpoint at each epoch's end and when stopped
+
+
+@dataclass(frozen=True)
+class _Training:
+    """What one process trains with (`_setup`)."""
+
+    cfg: TrainConfig
+    method: object  # lwat.methods.Method
+    rank: int
+    world: int
+    device: torch.device
+    data: object  # lwat.data.Dataset, on `device`
+    meta: dict  # what a checkpoint says about the data: num_classes, image_shape, classes
+    model: torch.nn.Module  # the attached model itself (compiled in place with --compile)
+    handle: object  # its lwat handle, or None
+    ema: object  # make_ema's AveragedModel, or None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.StepLR
+    scaler: torch.amp.GradScaler
+    loader: Loader  # the global batches, this rank's rows of each
+    step: Step
+
+
+def _new_sums():
+    return {"loss": 0.0, "correct": 0, "images": 0, "seconds": 0.0}
+
+
+@dataclass
+class _Position:
+    """Where training is: the next step is batch `batch` of epoch `epoch` (both from 0); the epoch's running sums."""
+
+    epoch: int = 0
+    batch: int = 0
+    sums: dict = field(default_factory=_new_sums)
+    steps: int = 0  # steps taken by this call (for stop_after_steps)
+
+
+def _run(cfg, out, *, method, resume, progress, stop_after_steps, rank, world, device) -> dict:
+    t = _setup(cfg, method, rank, world, device)
+    pos = _resume(t, out) if resume else _Position()
+    if rank == 0:
+        if not resume:
+            rundir.write_json(out / CONFIG, cfg.to_dict())
+        rundir.write_host(out, cfg)
+    mode = ("bar" if sys.stderr.isatty() else "lines") if progress == "auto" else progress
+    mode = mode if rank == 0 else "none"
+    with _stop_on_signals() as stop:
+        while pos.epoch < cfg.epochs:
+            if not _train_epoch(t, out, pos, stop, mode=mode, stop_after_steps=stop_after_steps):
+                _save_checkpoint(t, out, pos)
+                return {"status": "interrupted", "epoch": pos.epoch, "batch": pos.batch, "run_dir": str(out)}
+            record = _end_epoch(t, pos)
+            pos.epoch, pos.batch, pos.sums = pos.epoch + 1, 0, _new_sums()
+            _save_checkpoint(t, out, pos, record)
+            if mode == "lines":
+                print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
+                      flush=True)
+            if _any_rank(stop.is_set(), world, device):
+                return {"status": "interrupted", "epoch": pos.epoch, "batch": 0, "run_dir": str(out)}
+    return _finish(t, out)
+
+
+def _setup(cfg, method, rank, world, device) -> _Training:
+    # The data, the model (the same initial weights on every rank), its average, the compiled model, the DDP wrapper,
+    # the optimizer, lr schedule and loss scaler, the step, and the loader of this rank's rows.
     data = load_data(cfg).to(device)
     torch.manual_seed(cfg.seed)
     model, handle = build(cfg, data.num_classes, data.image_shape)  # the same weights on every rank
@@ -178,111 +231,130 @@ def _train(cfg, out, *, method, resume, progress, stop_after_steps, rank, world,
                     flip=cfg.flip, seed=cfg.seed, channels_last=cfg.channels_last,
                     rows=slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size), cutout=cfg.cutout,
                     mixup=cfg.mixup, cutmix=cfg.cutmix, mix_prob=cfg.mix_prob, num_classes=data.num_classes)
-    epoch, start, sums = 0, 0, _new_sums()
-    if resume:
-        ckpt = rundir.resume_checkpoint(out)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):  # saved by an enabled (fp16) scaler
-            scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        epoch, start, sums = ckpt["epoch"], ckpt["batch"], ckpt["sums"]
-        mine = _rank_state(ckpt, rank, world, out)
-        if handle is not None:
-            handle.load_state_dict(_to(mine["perturbation"], device))
-        _set_rng(mine["rng"], device)
-        if rank == 0:
-            rundir.truncate_log(out, epoch)  # epochs logged after this checkpoint are trained again
-    elif rank == 0:
-        rundir.write_json(out / CONFIG, cfg.to_dict())
-    if rank == 0:
-        rundir.write_host(out, cfg)
     meta = {"num_classes": data.num_classes, "image_shape": list(data.image_shape), "classes": data.classes}
+    return _Training(cfg, method, rank, world, device, data, meta, model, handle, ema, opt, sched, scaler, loader,
+                     Step(method, stepped, handle, cfg, run, opt, scaler, ema, model))
 
-    def save(epoch, batch, sums):
-        mine = {"perturbation": _to(handle.state_dict(), "cpu") if handle is not None else None,
-                "rng": _get_rng(device)}
-        ranks = [mine]
-        if world > 1:
-            ranks = [None] * world if rank == 0 else None
-            dist.gather_object(mine, ranks, dst=0)
-        if rank == 0:
-            rundir.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                                    **({"ema": ema.state_dict()} if ema is not None else {}),
-                                    "perturbation": ranks[0]["perturbation"], "rng": ranks[0]["rng"],
-                                    **({"ranks": ranks} if world > 1 else {}), "world_size": world,
-                                    "epoch": epoch, "batch": batch, "sums": sums, "config": cfg.to_dict(),
-                                    "data": meta}, out)
 
-    step = Step(method, stepped, handle, cfg, run, opt, scaler, ema, model)
-    mode = ("bar" if sys.stderr.isatty() else "lines") if progress == "auto" else progress
-    mode = mode if rank == 0 else "none"
-    steps_done = 0
-    with _stop_on_signals() as stop:
-        while epoch < cfg.epochs:
-            stepped.train()
-            bar = tqdm(total=len(loader), initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=mode != "bar", leave=False, dynamic_ncols=True)
-            tick = time.perf_counter()
-            for batch, (x, y) in enumerate(loader.iter_from(epoch, start), start=start):
-                loss, logits = step.gradients(x, y)
-                labels = y.argmax(1) if y.ndim == 2 else y  # mixup, CutMix: the larger share
-                # One host sync per step, one all-reduce under DDP: summed loss, correct, and any rank stopping.
-                stats = torch.stack([loss.float() * len(y), (logits.argmax(1) == labels).sum().float(),
-                                     loss.new_tensor(float(stop.is_set()))])
-                if world > 1:
-                    dist.all_reduce(stats)
-                loss_sum, correct, stopping = stats.tolist()
-                if not math.isfinite(loss_sum):
-                    raise _non_finite(loss_sum, epoch, batch, out, rank)
-                step.update()
-                sums["loss"] += loss_sum
-                sums["correct"] += round(correct)
-                sums["images"] += len(y) * world
-                now = time.perf_counter()
-                sums["seconds"] += now - tick
-                tick = now
-                bar.update()
-                bar.set_postfix(loss=f"{sums['loss'] / sums['images']:.3f}",
-                                acc=f"{sums['correct'] / sums['images']:.3f}",
-                                img_s=f"{sums['images'] / sums['seconds']:.0f}")
-                steps_done += 1
-                if stopping or steps_done == stop_after_steps:
-                    bar.close()
-                    save(epoch, batch + 1, sums)
-                    return {"status": "interrupted", "epoch": epoch, "batch": batch + 1, "run_dir": str(out)}
-            bar.close()
-            if world > 1:  # every rank gets rank 0's BatchNorm statistics: the model is then the same everywhere
-                for buffer in model.buffers():
-                    dist.broadcast(buffer, 0)
-            tested = model if ema is None else ema.module  # what the run yields
-            record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
-                      "train_loss": sums["loss"] / sums["images"], "train_acc": sums["correct"] / sums["images"],
-                      "test_acc": _accuracy(tested, data.test_x, data.test_y, cfg.eval_batch_size, world, device),
-                      "seconds": sums["seconds"], "images_per_s": sums["images"] / sums["seconds"]}
-            if data.val_x is not None:
-                record["val_acc"] = _accuracy(tested, data.val_x, data.val_y, cfg.eval_batch_size, world, device)
-            with warnings.catch_warnings():  # resumed after an epoch's last step: no optimizer step in this process
-                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
-                sched.step()
-            epoch, start, sums = epoch + 1, 0, _new_sums()
-            if rank == 0:
+def _resume(t: _Training, out: Path) -> _Position:
+    # Everything the newest readable checkpoint holds goes back in place, this rank's cache and RNG state last.
+    ckpt = rundir.resume_checkpoint(out)
+    t.model.load_state_dict(ckpt["model"])
+    t.opt.load_state_dict(ckpt["optimizer"])
+    t.sched.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):  # saved by an enabled (fp16) scaler
+        t.scaler.load_state_dict(ckpt["scaler"])
+    if t.ema is not None:
+        t.ema.load_state_dict(ckpt["ema"])
+    saved_world = cache.saved_world_size(ckpt)
+    if saved_world != t.world and ckpt["batch"] != 0:
+        raise ConfigError(f"{out}: the checkpoint was written mid-epoch by {saved_world} process(es), and the "
+                          f"split of the epoch into global batches depends on that number: resume with as many, "
+                          f"not {t.world}")
+    # Another number of processes, at an epoch end: the saved states are reused, rank % the saved number's.
+    mine = cache.rank_entry(ckpt, t.rank, t.world, device=t.device, any_world=True)
+    if mine is None:
+        raise ConfigError(f"{out}: its checkpoint holds no state for process {t.rank} of {t.world}")
+    if t.handle is not None:
+        t.handle.load_state_dict(mine[cache.KEY])
+    _set_rng(mine["rng"], t.device)
+    if t.rank == 0:
+        rundir.truncate_log(out, ckpt["epoch"])  # epochs logged after this checkpoint are trained again
+    return _Position(ckpt["epoch"], ckpt["batch"], ckpt["sums"])
+
+
+def _train_epoch(t: _Training, out: Path, pos: _Position, stop: threading.Event, *, mode: str,
+                 stop_after_steps: int | None) -> bool:
+    # Steps from pos.batch to the end of epoch pos.epoch, counted into pos; False when stopped before its end (a
+    # signal on any rank, or stop_after_steps), True when the epoch is done.
+    t.step.model.train()
+    bar = tqdm(total=len(t.loader), initial=pos.batch, desc=f"epoch {pos.epoch + 1}/{t.cfg.epochs}",
+               disable=mode != "bar", leave=False, dynamic_ncols=True)
+    sums = pos.sums
+    tick = time.perf_counter()
+    with contextlib.closing(bar):
+        for batch, (x, y) in enumerate(t.loader.iter_from(pos.epoch, pos.batch), start=pos.batch):
+            loss, logits = t.step.gradients(x, y)
+            labels = y.argmax(1) if y.ndim == 2 else y  # mixup, CutMix: the larger share
+            # One host sync per step, one all-reduce under DDP: summed loss, correct, and any rank stopping.
+            stats = torch.stack([loss.float() * len(y), (logits.argmax(1) == labels).sum().float(),
+                                 loss.new_tensor(float(stop.is_set()))])
+            if t.world > 1:
+                dist.all_reduce(stats)
+            loss_sum, correct, stopping = stats.tolist()
+            if not math.isfinite(loss_sum):
+                raise _non_finite(loss_sum, pos.epoch, batch, out, t.rank)
+            t.step.update()
+            sums["loss"] += loss_sum
+            sums["correct"] += round(correct)
+            sums["images"] += len(y) * t.world
+            now = time.perf_counter()
+            sums["seconds"] += now - tick
+            tick = now
+            bar.update()
+            bar.set_postfix(loss=f"{sums['loss'] / sums['images']:.3f}", acc=f"{sums['correct'] / sums['images']:.3f}",
+                            img_s=f"{sums['images'] / sums['seconds']:.0f}")
+            pos.batch, pos.steps = batch + 1, pos.steps + 1
+            if stopping or pos.steps == stop_after_steps:
+                return False
+    return True
+
+
+def _end_epoch(t: _Training, pos: _Position) -> dict:
+    # The epoch's log record, measured on what the run yields (the average, with --ema); then the lr schedule steps.
+    if t.world > 1:  # every rank gets rank 0's BatchNorm statistics: the model is then the same everywhere
+        for buffer in t.model.buffers():
+            dist.broadcast(buffer, 0)
+    tested = t.model if t.ema is None else t.ema.module
+    sums, batch_size = pos.sums, t.cfg.eval_batch_size
+    record = {"epoch": pos.epoch + 1, "lr": t.opt.param_groups[0]["lr"],
+              "train_loss": sums["loss"] / sums["images"], "train_acc": sums["correct"] / sums["images"],
+              "test_acc": _accuracy(tested, t.data.test_x, t.data.test_y, batch_size, t.world, t.device),
+              "seconds": sums["seconds"], "images_per_s": sums["images"] / sums["seconds"]}
+    if t.data.val_x is not None:
+        record["val_acc"] = _accuracy(tested, t.data.val_x, t.data.val_y, batch_size, t.world, t.device)
+    with warnings.catch_warnings():  # resumed after an epoch's last step: no optimizer step in this process
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+        t.sched.step()
+    return record
+
+
+def _save_checkpoint(t: _Training, out: Path, pos: _Position, record: dict | None = None) -> None:
+    # Rank 0 writes the epoch's log record (if given) and the checkpoint of `pos`, with every rank's cache and RNG
+    # state gathered (`lwat.cache`); a write that fails (a full disk) stops every rank with a TrainingError.
+    mine = cache.entry(t.handle.state_dict() if t.handle is not None else None, rng=_get_rng(t.device))
+    entries = {0: mine}
+    if t.world > 1:
+        gathered = [None] * t.world if t.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        entries = dict(enumerate(gathered)) if t.rank == 0 else None
+    error = None
+    if t.rank == 0:
+        state = {"model": t.model.state_dict(), "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(),
+                 "scaler": t.scaler.state_dict(), **({"ema": t.ema.state_dict()} if t.ema is not None else {}),
+                 **cache.pack(entries, t.world),
+                 # rank 0's entry again beside the others: the one-process layout that older lwat reads
+                 cache.KEY: entries[0][cache.KEY], "rng": entries[0]["rng"],
+                 "epoch": pos.epoch, "batch": pos.batch, "sums": pos.sums, "config": t.cfg.to_dict(), "data": t.meta}
+        try:
+            if record is not None:
                 rundir.append_log(out, record)
-            save(epoch, 0, sums)
-            if mode == "lines":
-                print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
-                      flush=True)
-            if _any_rank(stop.is_set(), world, device):
-                return {"status": "interrupted", "epoch": epoch, "batch": 0, "run_dir": str(out)}
+            rundir.save_checkpoint(state, out)
+        except OSError as e:
+            error = _write_failed(e, out, state)
+    if _any_rank(error is not None, t.world, t.device):
+        raise error or TrainingError(f"{out}: rank 0 could not write the checkpoint; stopped")
+
+
+def _finish(t: _Training, out: Path) -> dict:
+    # The final metrics, written by rank 0 (which drops the previous checkpoint), returned on every rank.
     metrics = None
-    if rank == 0:
-        metrics = {**rundir.summarize(rundir.read_log(out), cfg, method.passes * (2 if cfg.sam else 1)), "world_size": world}
+    if t.rank == 0:
+        passes = t.method.passes * (2 if t.cfg.sam else 1)
+        metrics = {**rundir.summarize(rundir.read_log(out), t.cfg, passes), "world_size": t.world}
         rundir.write_json(out / rundir.METRICS, metrics)
         rundir.drop_previous(out)
-    if world > 1:
+    if t.world > 1:
         box = [metrics]
         dist.broadcast_object_list(box, src=0)
         metrics = box[0]
@@ -378,8 +450,22 @@ def _non_finite(loss_sum: float, epoch: int, batch: int, out: Path, rank: int) -
                          "(try a smaller lr or eps)")
 
 
-def _new_sums():
-    return {"loss": 0.0, "correct": 0, "images": 0, "seconds": 0.0}
+def _write_failed(e: OSError, out: Path, state: dict) -> TrainingError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"; {shutil.disk_usage(out).free / 1e6:.1f} MB are free"
+        except OSError:
+            free = ""
+        what = (f"{out}: no space left on its disk to write the checkpoint (it needs about "
+                f"{rundir.state_bytes(state) / 1e6:.1f} MB{free})")
+        fix = "free some space"
+    else:
+        what, fix = f"{out}: cannot write the checkpoint ({e.strerror or e})", "fix that"
+    if rundir.has_checkpoint(out):
+        return TrainingError(f"{what}. The previous checkpoint is kept: {fix}, then lwat train --resume {out}")
+    rundir.discard_start(out)
+    return TrainingError(f"{what}, before the first checkpoint: nothing was kept; {fix}, then the same command "
+                         "starts the run again")
 
 
 def _get_rng(device: torch.device) -> dict:
@@ -394,20 +480,6 @@ def _set_rng(state: dict, device: torch.device) -> None:
     if "cuda" in state and device.type == "cuda":
         cuda = state["cuda"]
         torch.cuda.set_rng_state((cuda[device.index or 0] if isinstance(cuda, list) else cuda).cpu(), device)
-
-
-def _rank_state(ckpt: dict, rank: int, world: int, out: Path) -> dict:
-    """This rank's perturbation cache and RNG state in a checkpoint written by any number of processes."""
-    states = ckpt.get("ranks") or [{"perturbation": ckpt["perturbation"], "rng": ckpt["rng"]}]
-    if len(states) != world and ckpt["batch"] != 0:
-        raise ConfigError(f"{out}: the checkpoint was written mid-epoch by {len(states)} process(es), and the "
-                          f"split of the epoch into global batches depends on that number: resume with as many, "
-                          f"not {world}")
-    return states[rank % len(states)]  # another number of processes, at an epoch end: saved states are reused
-
-
-def _to(cache: dict, device) -> dict:
-    return {name: {k: None if v is None else v.to(device) for k, v in point.items()} for name, point in cache.items()}
 
 
 @contextlib.contextmanager

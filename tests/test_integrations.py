@@ -87,3 +87,52 @@ def test_examples_run(script, args, tmp_path):
     if script == "plain_loop.py":
         assert lines[0].startswith("refused: lightning")  # the callback module does need Lightning
     assert lines[-1].startswith("trained ") and " steps with " in lines[-1] and " perturbation points" in lines[-1]
+
+
+def callback_classes():
+    """Each framework's callback class, or a skip where its framework is not installed."""
+    def lightning():
+        pytest.importorskip("lightning.pytorch")
+        from lwat.integrations.lightning import LayerwiseAdversarialTraining
+        return LayerwiseAdversarialTraining
+
+    def huggingface():
+        pytest.importorskip("transformers")
+        from lwat.integrations.huggingface import LayerwiseAdversarialCallback
+        return LayerwiseAdversarialCallback
+
+    return [pytest.param(lightning, id="lightning"), pytest.param(huggingface, id="huggingface")]
+
+
+@pytest.mark.parametrize("callback", callback_classes())
+@pytest.mark.parametrize("args, message", [
+    ({"eps": -1.0}, "eps must be a finite number >= 0, got -1.0"),
+    ({"eps": "10"}, "eps must be a finite number >= 0, got '10'"),
+    ({"scale": "fixd"}, "unknown scale 'fixd'; known: range, fixed"),
+    ({"direction": "adversarial"}, "unknown direction 'adversarial'; known: gradient, random"),
+    ({"kernels": "fast"}, "unknown kernels 'fast'; known: "),
+    ({"points": "net.1"}, "points must be a non-empty list of module names"),
+    ({"points": []}, "points must be a non-empty list of module names"),
+    ({"points": [nn.LayerNorm]}, "points must be a non-empty list of module names"),
+    ({"depth": 0}, r"depth must be an int >= 1 \(and at most the number of points\), got 0"),
+    ({"depth": 1.5}, "depth must be an int >= 1"),
+    ({"module": ""}, "module must be a submodule's"),
+])
+def test_callback_arguments_are_checked_when_it_is_made(callback, args, message):
+    """A mistake fails where the callback is made, with `lwat.attach`'s message, not when training starts."""
+    cls = callback()
+    with pytest.raises(ValueError, match=message) as error:
+        cls(**{"eps": 10.0, **args})
+    if "depth" not in args and "module" not in args:  # the rest are lwat.attach's own words
+        with pytest.raises(ValueError) as attach_error:
+            model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2), nn.Linear(2, 2))
+            lwat.attach(model, **{"eps": 10.0, **args})
+        assert str(error.value) == str(attach_error.value)
+
+
+@pytest.mark.parametrize("callback", callback_classes())
+def test_callback_accepts_every_kind_of_point_selector(callback):
+    cls = callback()
+    for points in (None, ["net.1"], ("net.1", "net.4"), nn.LayerNorm, (nn.LayerNorm, nn.Linear),
+                   lambda name, m: isinstance(m, nn.LayerNorm)):
+        cls(10.0, points=points, depth=1, direction="random", scale="fixed", module="net")

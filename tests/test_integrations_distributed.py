@@ -58,7 +58,7 @@ def worker(out: Path) -> None:
     lat2 = LayerwiseAdversarialTraining(EPS, points=["net.1", "net.4"])
     record2 = Recorder(lat2)
     trainer([lat2, record2], max_epochs=2, **ddp).fit(Net(seed=5), loader(batch_size=4), ckpt_path=out / "ddp.ckpt")
-    dump("ddp", {"batches": record.batches, "last": lat.state_dict()["ranks"][rank],
+    dump("ddp", {"batches": record.batches, "last": lat.state_dict()["ranks"][rank]["perturbation"],
                  "resumed_before": record2.batches[0]["before"]})
 
     # FSDP2 on the same 2-process group.
@@ -148,7 +148,7 @@ def test_lightning_ddp_checkpoint_holds_every_ranks_cache_and_resume_gives_each_
     assert saved["world_size"] == 2 and sorted(saved["ranks"]) == [0, 1]
     for r, rank in enumerate(ranks):
         assert_same_cache(rank["last"], rank["batches"][-1]["after"])
-        assert_same_cache(saved["ranks"][r], rank["last"])
+        assert_same_cache(saved["ranks"][r]["perturbation"], rank["last"])
         assert_same_cache(rank["resumed_before"], rank["last"])  # the cache after resume is this rank's saved one
 
 

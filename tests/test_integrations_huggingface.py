@@ -99,7 +99,7 @@ def check_steps(steps, points, module=None, divide=1):
 def saved_cache(folder):
     saved = torch.load(folder / "lwat-cache-rank0.pt", weights_only=True)
     assert saved["world_size"] == 1
-    return saved["ranks"][0]
+    return saved["ranks"][0]["perturbation"]
 
 
 @pytest.fixture(scope="module")

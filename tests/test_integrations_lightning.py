@@ -39,6 +39,11 @@ class Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
+def cache_of(saved, rank=0):
+    """A process's cache in the callback's saved state (`lwat.cache`'s format)."""
+    return saved["ranks"][rank]["perturbation"]
+
+
 def loader(n=32, batch_size=8, seed=1):
     g = torch.Generator().manual_seed(seed)
     data = torch.utils.data.TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
@@ -117,7 +122,7 @@ def test_every_batch_caches_its_own_gradient_signs_and_fit_ends_plain(case):
     assert lat.handle is None
     assert [type(m) for m in model.net] == [nn.Linear, nn.LayerNorm, nn.Tanh, nn.Linear, nn.LayerNorm, nn.Tanh,
                                             nn.Linear]
-    assert_same_cache(lat.state_dict()["ranks"][0], record.batches[-1]["after"])
+    assert_same_cache(cache_of(lat.state_dict()), record.batches[-1]["after"])
 
 
 def test_resumed_fit_restores_the_saved_cache_and_equals_the_uninterrupted_fit(tmp_path):
@@ -130,15 +135,15 @@ def test_resumed_fit_restores_the_saved_cache_and_equals_the_uninterrupted_fit(t
     [ckpt] = tmp_path.glob("*.ckpt")
     saved = torch.load(ckpt, weights_only=True)["callbacks"]["LayerwiseAdversarialTraining"]
     assert saved["world_size"] == 1
-    assert_same_cache(saved["ranks"][0], lat.state_dict()["ranks"][0])  # written mid-fit, equals the cache at the end
-    assert all(e["signs"] is not None for e in saved["ranks"][0].values())
+    assert_same_cache(cache_of(saved), cache_of(lat.state_dict()))  # written mid-fit, equals the cache at the end
+    assert all(e["signs"] is not None for e in cache_of(saved).values())
 
     resumed, lat2 = Net(seed=5), LayerwiseAdversarialTraining(EPS)
     record = Recorder(lat2)
     trainer([lat2, record], max_epochs=2).fit(resumed, loader(), ckpt_path=ckpt)
     assert len(record.batches) == 4  # the second epoch only
-    assert_same_cache(record.batches[0]["before"], saved["ranks"][0])  # the cache after resume is the saved one
-    assert_same_cache(lat2.state_dict()["ranks"][0], lat_full.state_dict()["ranks"][0])
+    assert_same_cache(record.batches[0]["before"], cache_of(saved))  # the cache after resume is the saved one
+    assert_same_cache(cache_of(lat2.state_dict()), cache_of(lat_full.state_dict()))
     for key, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
 
@@ -150,7 +155,7 @@ def test_a_checkpoint_from_another_number_of_processes_warns_and_starts_without_
     t.fit(first, loader())
     t.save_checkpoint(tmp_path / "last.ckpt")  # after fit: the callback's last cache
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert_same_cache(ckpt["callbacks"]["LayerwiseAdversarialTraining"]["ranks"][0], lat.state_dict()["ranks"][0])
+    assert_same_cache(cache_of(ckpt["callbacks"]["LayerwiseAdversarialTraining"]), cache_of(lat.state_dict()))
     ckpt["callbacks"]["LayerwiseAdversarialTraining"]["world_size"] = 2
     torch.save(ckpt, tmp_path / "two.ckpt")
     lat2 = LayerwiseAdversarialTraining(EPS)
@@ -160,10 +165,28 @@ def test_a_checkpoint_from_another_number_of_processes_warns_and_starts_without_
     assert all(e["signs"] is None for e in record.batches[0]["before"].values())
 
 
+def test_a_checkpoint_in_the_callbacks_older_layout_still_resumes(tmp_path):
+    """Before lwat.cache the callback saved {"world_size": W, "ranks": {rank: cache}}: such a checkpoint resumes with
+    its cache."""
+    lat = LayerwiseAdversarialTraining(EPS)
+    t = trainer([lat], max_steps=2)
+    t.fit(Net(), loader())
+    t.save_checkpoint(tmp_path / "last.ckpt")
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    bare = cache_of(ckpt["callbacks"]["LayerwiseAdversarialTraining"])
+    ckpt["callbacks"]["LayerwiseAdversarialTraining"] = {"world_size": 1, "ranks": {0: bare}}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    lat2 = LayerwiseAdversarialTraining(EPS)
+    record = Recorder(lat2)
+    trainer([lat2, record], max_steps=3).fit(Net(), loader(), ckpt_path=tmp_path / "old.ckpt")
+    assert len(record.batches) == 1 and all(e["signs"] is not None for e in bare.values())
+    assert_same_cache(record.batches[0]["before"], bare)
+
+
 @pytest.mark.parametrize("args, message", [
     ({"module": "model"}, "module='model': Net has no submodule of that name"),
     ({"points": ["net.9"]}, "no submodule named 'net.9'"),
-    ({"eps": -1.0}, "eps must be a finite number >= 0"),
+    ({"depth": 3}, "depth must be in 1..2"),
 ])
 def test_mistakes_are_one_line_errors_and_leave_the_model_plain(args, message):
     model = Net()
@@ -186,7 +209,7 @@ def test_a_fit_that_raises_leaves_the_plain_model_and_its_last_cache():
     with pytest.raises(RuntimeError, match="data error"):
         trainer([lat, record], max_epochs=1).fit(model, loader())
     assert lat.handle is None and [type(m) for m in model.net][:2] == [nn.Linear, nn.LayerNorm]
-    assert_same_cache(lat.state_dict()["ranks"][0], record.batches[1]["after"])
+    assert_same_cache(cache_of(lat.state_dict()), record.batches[1]["after"])
 
 
 def test_points_by_class_and_kernels_pass_through():

@@ -1,5 +1,6 @@
 """Tests of lwat.rundir: the previous checkpoint kept, damaged checkpoints as one-line errors, provenance in host.json."""
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -199,3 +200,68 @@ def test_resume_after_an_epochs_last_step_warns_nothing(tmp_path, recwarn):
     train(TrainConfig(**SMALL), run, resume=True, progress="none")
     assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]
     assert [r["epoch"] for r in rundir.read_log(run)] == [1, 2]
+
+
+class FullDisk:
+    """A file that takes `room` bytes, then fails as a full disk does (OSError ENOSPC)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def fill_disk_at_save(monkeypatch, save_number):
+    """torch.save's `save_number`-th call (from 1) meets a full disk after 1000 bytes."""
+    real, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        return real(obj, FullDisk(f, 1000) if len(calls) == save_number else f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("save_number, kept", [(2, True), (1, False)])
+def test_full_disk_at_a_checkpoint_is_one_line_exit_2_and_resume_works(save_number, kept, tmp_path, capsys,
+                                                                       monkeypatch):
+    """A full disk while the checkpoint is written: one line naming the run directory and the space it needs, exit
+    2; the previous checkpoint survives and --resume goes on from it (with none yet, the same command starts again)."""
+    run = tmp_path / "run"
+    argv = ["train", "--model", "mlp_tanh", "--dataset", "synthetic", "--epochs", "3", "--batch-size", "64",
+            "--device", "cpu", "--progress", "none", "--out", run]
+    fill_disk_at_save(monkeypatch, save_number)  # the checkpoint of epoch 2 (or 1)
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"lwat: error: {run}: no space left") and re.search(r"needs about [\d.]+ MB", err), err
+    monkeypatch.undo()
+    if kept:
+        assert "is kept" in err and f"lwat train --resume {run}" in err, err
+        assert torch.load(run / rundir.CHECKPOINT, weights_only=True)["epoch"] == 1
+        code, _, err = run_cli(capsys, "train", "--resume", run, "--progress", "none")
+    else:
+        assert "nothing was kept" in err and not rundir.has_checkpoint(run), err
+        code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert [r["epoch"] for r in rundir.read_log(run)] == [1, 2, 3]
+    assert not list(run.glob("*.tmp"))
+
+
+COMMITTED = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "results").rglob(rundir.CONFIG))
+
+
+@pytest.mark.skipif(not COMMITTED, reason="no committed runs under results/")
+def test_every_committed_run_reads():
+    """Every run directory committed under results/ (results/*/runs/* and deeper) still reads with this lwat."""
+    for run in COMMITTED:
+        view = rundir.read_run(run)
+        assert isinstance(view.config, TrainConfig), run
+        assert [r["epoch"] for r in view.log] == list(range(1, len(view.log) + 1)), run
+        if view.finished:
+            assert view.metrics["status"] == "finished" and view.metrics["epochs"] == len(view.log), run

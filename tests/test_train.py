@@ -136,3 +136,32 @@ def test_sigint_saves_and_resume_continues(tmp_path):
     second = torch.load(run / CHECKPOINT, weights_only=True)
     assert (second["epoch"], second["batch"]) > (first["epoch"], first["batch"])
     assert line.startswith(f"epoch {first['epoch'] + 1} ")  # it went on from where it stopped
+
+
+def test_a_checkpoint_in_the_older_one_process_layout_resumes_bit_exact(tmp_path, device, deterministic):
+    """Before lwat.cache a one-process checkpoint held its cache and RNG state as "perturbation" and "rng" beside
+    the other keys, with no "ranks": such a checkpoint (a run stopped mid-epoch) resumes as it would have."""
+    cfg = cfg_for("lat", device)
+    train(cfg, tmp_path / "full", progress="none")
+    train(cfg, tmp_path / "old", progress="none", stop_after_steps=7)
+    ckpt = torch.load(tmp_path / "old" / CHECKPOINT, weights_only=True)
+    assert ckpt["world_size"] == 1 and sorted(ckpt["ranks"]) == [0]  # today's layout (lwat.cache) ...
+    for point, entry in ckpt["ranks"][0]["perturbation"].items():  # ... with rank 0's entry also at the top
+        assert torch.equal(entry["signs"], ckpt["perturbation"][point]["signs"]), point
+    del ckpt["ranks"]
+    torch.save(ckpt, tmp_path / "old" / CHECKPOINT)
+    (tmp_path / "old" / "checkpoint.prev.pt").unlink()
+    train(cfg, tmp_path / "old", resume=True, progress="none")
+    a, b = (torch.load(tmp_path / run / CHECKPOINT, weights_only=True) for run in ("full", "old"))
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for point, entry in a["perturbation"].items():
+        assert torch.equal(entry["signs"], b["perturbation"][point]["signs"]), point
+
+
+def test_rundir_and_train_import_each_other_nowhere():
+    """No import circle: lwat.rundir (and what it imports) never imports lwat.train."""
+    code = "import sys, lwat.rundir, lwat.analysis.runs; sys.exit('lwat.train' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    source = inspect.getsource(__import__("lwat.rundir").rundir)
+    assert "lwat.train" not in source.replace("`lwat.train` writes", "")

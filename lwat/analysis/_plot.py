@@ -6,7 +6,10 @@ so plotting works headless and from threads, and never opens a window.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 
 def figure(nrows: int = 1, ncols: int = 1, *, panel: tuple[float, float] = (5.0, 3.8)):
@@ -23,6 +26,24 @@ def save(fig, path) -> Path:
     path = Path(path)
     fig.savefig(path, format="png", dpi=120)
     return path
+
+
+def mean_band(ax, x: Sequence[float], runs: Sequence[Sequence[float]], *, color: str, label: str,
+              marker: str = "o") -> None:
+    """On `ax`: the mean over runs as a line, and mean ± one sample std over runs (as `lwat.render.stats` gives it;
+    none for one run) as a band of the same colour.
+
+    Args:
+        ax: a matplotlib Axes.
+        x: the points' x values.
+        runs: one sequence of y values per run, each aligned with `x`.
+        color, label, marker: of the line (the label names it in a legend).
+    """
+    ys = np.asarray(runs, dtype=float)
+    mean = ys.mean(0)
+    std = ys.std(0, ddof=1) if len(ys) > 1 else np.zeros_like(mean)
+    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+    ax.plot(x, mean, color=color, marker=marker, markersize=4, label=label)
 
 
 def accuracy_lines(result: dict, path, *, labels: dict, xlabel: str, ylabel: str, title: str) -> Path:

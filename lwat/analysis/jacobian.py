@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from lwat.analysis import _plot
-from lwat.attacks import _eval_mode
-from lwat.evaluate import _batches, last_linear, model_device
+from lwat.attacks import eval_mode
+from lwat.evaluate import batches, last_linear, model_device
 from lwat.rundir import load_run
 
 
@@ -40,8 +40,8 @@ def jacobians(model: nn.Module, x: torch.Tensor, *, batch_size: int = 64):
 
     jac = torch.func.vmap(torch.func.jacrev(encoder))
     try:
-        with _eval_mode(model), torch.no_grad():  # jacrev ignores the outer no_grad; parameters record nothing
-            for xb, _ in _batches(x, None, batch_size, model_device(model)):
+        with eval_mode(model), torch.no_grad():  # jacrev ignores the outer no_grad; parameters record nothing
+            for xb, _ in batches(x, None, batch_size, model_device(model)):
                 j = jac(xb)  # (B, F, C, H, W)
                 yield j.reshape(len(xb), j.shape[1], -1)
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lwat.analysis import get_analysis
 from lwat.config import TrainConfig, resolve_device
+from lwat.experiment import load_data
 from lwat.rundir import read_run
 
 # What each need asks of a run, and what to say when a run lacks it.
@@ -29,8 +30,6 @@ def lacks(name: str, run) -> str | None:
 
 def test_data(cfg: TrainConfig, cache: dict | None = None):
     """(images, labels) of the test split of a run's data set (loaded once per data set when `cache` is given)."""
-    from lwat.train import load_data
-
     key = (cfg.dataset, cfg.data_dir, cfg.grayscale)
     cache = {} if cache is None else cache
     if key not in cache:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from lwat.analysis import _plot
-from lwat.attacks import _eval_mode
-from lwat.evaluate import _batches, _capture_last_linear_input, layerwise_attack_outputs, model_device
+from lwat.attacks import eval_mode
+from lwat.evaluate import batches, last_linear_inputs, layerwise_attack_outputs, model_device
 from lwat.perturb import default_points
 from lwat.rundir import load_one
 
@@ -82,8 +82,8 @@ def _gaussian_outputs(model, x, eps, names, batch_size, seed):
     hooks = [modules[n].register_forward_hook(noise) for n in names]
     preds = []
     try:
-        with _eval_mode(model), torch.no_grad(), _capture_last_linear_input(model, True) as feats:
-            for xb, _ in _batches(x, None, batch_size, model_device(model)):
+        with eval_mode(model), torch.no_grad(), last_linear_inputs(model, True) as feats:
+            for xb, _ in batches(x, None, batch_size, model_device(model)):
                 preds.append(model(xb).argmax(1).cpu())
     finally:
         for h in hooks:

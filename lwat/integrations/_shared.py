@@ -1,4 +1,5 @@
-"""What the framework callbacks share: attach when training starts, save and restore the cache, pass the loss scale."""
+"""What the framework callbacks share: check the arguments when built, attach when training starts, save and restore
+the cache (in `lwat.cache`'s format, the trainer's), pass the loss scale."""
 
 from __future__ import annotations
 
@@ -9,18 +10,24 @@ import torch
 from torch import nn
 
 import lwat
+from lwat import cache as saved_cache
 
 
 class Attachment:
     """One callback's lwat state over a training run: the `attach` arguments, the live handle, the last cache.
 
-    A saved cache is `{"world_size": W, "ranks": {rank: handle.state_dict() on the CPU}}`: every process perturbs
+    The arguments are checked when it is made (`check_options`). A saved cache is `lwat.cache`'s form,
+    `{"world_size": W, "ranks": {rank: {"perturbation": handle.state_dict() on the CPU}}}`: every process perturbs
     with its own previous batch, so each keeps (and resumes) its own cache.
     """
 
-    def __init__(self, eps, *, scale: str, points, depth: int | None, kernels: str, module: str | None):
+    def __init__(self, eps, *, scale: str, points, depth: int | None, direction: str, kernels: str,
+                 module: str | None):
+        check_options(eps, scale=scale, points=points, depth=depth, direction=direction, kernels=kernels,
+                      module=module)
         self.eps, self.module = eps, module
-        self.options = dict(scale=scale, points=points, depth=depth, kernels=kernels)  # to lwat.attach unchanged
+        self.options = dict(scale=scale, points=points, depth=depth, direction=direction,
+                            kernels=kernels)  # to lwat.attach unchanged
         self.handle: lwat.Handle | None = None  # while training
         self.last: dict | None = None  # the cache when training ended: a checkpoint written after it holds this
         self.device = torch.device("cpu")  # where a restored cache goes: the attached module's
@@ -47,27 +54,54 @@ class Attachment:
             self.handle = None
 
     def saved(self, rank: int, world_size: int) -> dict:
-        """This process's cache (live, or the last one) in the saved form, on the CPU."""
+        """This process's cache (live, or the last one) in the saved form (`lwat.cache.pack`), on the CPU."""
         cache = self.handle.state_dict() if self.handle is not None else self.last
-        if cache is not None:
-            cache = {point: {k: None if v is None else v.detach().cpu() for k, v in entry.items()}
-                     for point, entry in cache.items()}
-        return {"world_size": world_size, "ranks": {rank: cache}}
+        return saved_cache.pack({rank: saved_cache.entry(cache)}, world_size)
 
     def restore(self, saved: dict, rank: int, world_size: int) -> None:
-        """Load this process's cache from `saved` into the live handle (the next train pass is perturbed with it)."""
-        if saved["world_size"] != world_size or rank not in saved["ranks"]:
+        """Load this process's cache from `saved` (this format or the callbacks' older one) into the live handle
+        (the next train pass is perturbed with it)."""
+        mine = saved_cache.rank_entry(saved, rank, world_size, device=self.device)
+        if mine is None:
             warnings.warn(f"lwat: no perturbation cache for process {rank} of {world_size} in the checkpoint "
-                          f"(saved by {saved['world_size']} process(es)); the first batch after resuming is not "
-                          "perturbed", stacklevel=2)
+                          f"(saved by {saved_cache.saved_world_size(saved)} process(es)); the first batch after "
+                          "resuming is not perturbed", stacklevel=2)
             return
-        cache = saved["ranks"][rank]
-        if cache is None:  # saved before the first backward: nothing cached yet
+        if mine[saved_cache.KEY] is None:  # saved before the first backward: nothing cached yet
             return
-        self.handle.load_state_dict({point: {k: None if v is None else v.to(self.device) for k, v in entry.items()}
-                                     for point, entry in cache.items()})
+        self.handle.load_state_dict(mine[saved_cache.KEY])
 
     def set_loss_scale(self, scaler, device: torch.device) -> None:
         """Before a backward under a GradScaler: eps_l must come from the unscaled gradient (`Handle.grad_scale`)."""
         if self.handle is not None and scaler is not None and scaler.is_enabled():
             self.handle.grad_scale = scaler.scale(torch.ones((), device=device))  # a tensor: no host sync
+
+
+def check_options(eps, *, scale, points, depth, direction, kernels, module) -> None:
+    """Refuse now what `lwat.attach` would refuse whatever the model, with attach's own messages: a callback is made
+    long before training starts, and an error raised there would pass through many of the framework's frames.
+
+    What depends on the model (point names, a selector that matches nothing, depth beyond the number of points, the
+    submodule `module`) is checked when training starts.
+
+    Raises:
+        ValueError: eps, scale, direction or kernels that `lwat.attach` refuses; points of no kind it accepts; a depth
+            that is not an int >= 1; a module name that is not a non-empty string.
+    """
+    probe = nn.Sequential(nn.Linear(1, 1), nn.Linear(1, 1))  # a model with one default point (its hidden Linear)
+    lwat.attach(probe, eps, scale=scale, direction=direction, kernels=kernels).detach()
+    if not _selector(points):
+        lwat.select_points(probe, points)  # raises attach's message for a selector of no accepted kind
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise ValueError(f"depth must be an int >= 1 (and at most the number of points), got {depth!r}")
+    if module is not None and (not isinstance(module, str) or not module):
+        raise ValueError(f"module must be a submodule's (dotted) name, got {module!r}")
+
+
+def _selector(points) -> bool:
+    # The kinds `lwat.select_points` accepts: None, names, a module class or tuple of classes, a callable.
+    if points is None or callable(points) or isinstance(points, type):
+        return True
+    names = isinstance(points, (list, tuple)) and all(isinstance(p, str) for p in points)
+    classes = isinstance(points, tuple) and all(isinstance(p, type) for p in points)
+    return bool(points) and (names or classes)

@@ -20,8 +20,9 @@ class LayerwiseAdversarialCallback(TrainerCallback):
     """Attaches lwat to the Trainer's model at train begin and keeps its cache in the Trainer's checkpoints.
 
     Args:
-        eps, scale, points, depth, kernels: as for `lwat.attach`, passed unchanged; point names are those inside the
-            attached module.
+        eps, scale, points, depth, direction, kernels: as for `lwat.attach`, passed unchanged; point names are those
+            inside the attached module. Checked here, with attach's messages, as far as they do not depend on the
+            model (a ValueError); point names, depth and `module` against the model when training starts.
         module: attach to this submodule of the model (dotted name, e.g. "bert"), not to the whole model.
 
     While training, `.handle` is the `lwat.Handle`; when training ends, the model is the plain model again
@@ -38,8 +39,9 @@ class LayerwiseAdversarialCallback(TrainerCallback):
     """
 
     def __init__(self, eps, *, scale: str = "range", points=None, depth: int | None = None,
-                 kernels: str = "aten", module: str | None = None):
-        self._lwat = Attachment(eps, scale=scale, points=points, depth=depth, kernels=kernels, module=module)
+                 direction: str = "gradient", kernels: str = "aten", module: str | None = None):
+        self._lwat = Attachment(eps, scale=scale, points=points, depth=depth, direction=direction, kernels=kernels,
+                                module=module)
         self._scaler = None  # the prepared optimizer's GradScaler (fp16), else None
 
     @property

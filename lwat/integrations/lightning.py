@@ -12,8 +12,9 @@ class LayerwiseAdversarialTraining(Callback):
     """Attaches lwat to the LightningModule when fitting starts and keeps its cache in Lightning's checkpoints.
 
     Args:
-        eps, scale, points, depth, kernels: as for `lwat.attach`, passed unchanged; point names are those inside the
-            attached module.
+        eps, scale, points, depth, direction, kernels: as for `lwat.attach`, passed unchanged; point names are those
+            inside the attached module. Checked here, with attach's messages, as far as they do not depend on the
+            model (a ValueError); point names, depth and `module` against the model when training starts.
         module: attach to this submodule of the LightningModule (its attribute name, dotted for a nested one,
             e.g. "model"), not to the whole LightningModule.
 
@@ -28,8 +29,9 @@ class LayerwiseAdversarialTraining(Callback):
     """
 
     def __init__(self, eps, *, scale: str = "range", points=None, depth: int | None = None,
-                 kernels: str = "aten", module: str | None = None):
-        self._lwat = Attachment(eps, scale=scale, points=points, depth=depth, kernels=kernels, module=module)
+                 direction: str = "gradient", kernels: str = "aten", module: str | None = None):
+        self._lwat = Attachment(eps, scale=scale, points=points, depth=depth, direction=direction, kernels=kernels,
+                                module=module)
         self._rank, self._world_size = 0, 1
         self._scaler = None  # the precision plugin's GradScaler ("16-mixed"), else None
         self._to_restore = None  # a checkpoint's state, loaded by Lightning before on_fit_start
