@@ -438,7 +438,7 @@ def reproduce(target: str, *, scale: str = "cpu", seeds: int | None = None, data
         outcomes are "reused", "trained", "resumed", "interrupted", "no data", "busy: ..." or "failed: ...".
     """
     say = log or (lambda line: None)
-    names = list(PRESETS) if target == "all" else [get_preset(target).name]
+    names = [n for n, p in PRESETS.items() if not p.study] if target == "all" else [get_preset(target).name]
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
     if seeds is not None and seeds < 1:
