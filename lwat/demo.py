@@ -14,7 +14,7 @@ from lwat import rundir
 from lwat.config import ConfigError, TrainConfig, resolve_device
 from lwat.data import load_dataset
 from lwat.evaluate import robustness
-from lwat.render import fmt, stats, table
+from lwat.render import claim, fmt, stats, table
 from lwat.train import train
 
 METHODS = ("baseline", "lat")
@@ -121,5 +121,10 @@ def _table(results: dict, epochs: int, seeds: int, n_test: int) -> str:
              + "; ".join(f"{'clean' if k == 0.0 else f'FGSM {k}'} {' '.join(f'{g:+.1f}' for g in gs)}"
                          for k, gs in gains.items()),
              f"lat ahead on clean accuracy in {ahead} of {seeds} seed(s); the mean clean gain, {clean[0]:+.2f} points, "
-             f"is {clean[0] * n_test / 100:+.1f} of the {n_test} test images."]
+             f"is {clean[0] * n_test / 100:+.1f} of the {n_test} test images.", "",
+             "Claims (lwat.render.verdict, paired by seed):"]
+    for key in (0.0, *EPS):
+        per_seed = {m: {s: 100 * r[key] for s, r in enumerate(results[m])} for m in ("lat", "baseline")}
+        lines.append(claim(f"lat beats baseline, {'clean' if key == 0.0 else f'FGSM {key}'}", per_seed["lat"],
+                           per_seed["baseline"], names=("lat", "baseline")))
     return "\n".join(lines)
