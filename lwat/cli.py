@@ -1,4 +1,8 @@
-"""The `lwat` command: thin wrappers, every subcommand is a library call. Errors in input are one line, exit 2."""
+"""The `lwat` command: thin wrappers, every subcommand is a library call. Errors in input are one line, exit 2.
+
+The commands are the experiment platform: each imports it when it runs, so `import lwat` stays light, and a command
+whose packages (pyproject's `experiments` extra) are missing says how to install them in one line.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,10 @@ from pathlib import Path
 
 from lwat.config import ConfigError, TrainConfig
 from lwat.data import DataError
+
+# The experiments extra's packages: import name -> the name pip installs.
+EXPERIMENTS = {"tqdm": "tqdm", "PIL": "pillow", "sklearn": "scikit-learn", "scipy": "scipy",
+               "matplotlib": "matplotlib", "pytorch_optimizer": "pytorch-optimizer"}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -85,8 +93,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    from lwat.analysis import get_analysis
     from lwat.analysis.runs import analyze
+    from lwat.rundir import read_run
 
+    if get_analysis(args.name).NEEDS == "eval":  # eval.json: lwat eval writes it, with the attack and eps chosen there
+        missing = [run for run in args.runs if not read_run(run).eval]
+        if missing:
+            what = f"run `lwat eval {missing[0]}` first" if len(missing) == 1 else "run `lwat eval RUN` on each first"
+            raise ConfigError(f"analyze {args.name}: {', '.join(missing)}: not evaluated yet (it reads the runs' "
+                              f"eval.json); {what}")
     paths = analyze(args.name, args.runs, out=args.out, device=args.device, limit=args.limit, eps=args.eps,
                     target=args.target, baseline=args.baseline, classes=args.classes)
     for kind, path in paths.items():
@@ -237,7 +253,22 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    args = None
+    try:
+        args = make_parser().parse_args(argv)
+        return run_command(args)
+    except ModuleNotFoundError as e:  # a core install (torch alone): one line, no traceback
+        package = EXPERIMENTS.get((e.name or "").partition(".")[0])
+        if package is None:
+            raise
+        command = f"lwat {args.command}" if args is not None else "this command"
+        print(f'lwat: error: {command} needs the experiment platform\'s packages ({package} is not installed): '
+              f'pip install "lwat[experiments]"', file=sys.stderr)
+        return 2
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The parsed command, its input errors as one line and exit 2."""
     from lwat._compile import KernelsError
     from lwat.train import TrainingError
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -150,6 +151,26 @@ def test_demo_end_to_end(capsys, tmp_path):
         log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
         row = next(line for line in out.splitlines() if line.startswith(f"| {method} |"))
         assert len(log) == 1 and row.endswith(f"| {log[0]['images_per_s']:.0f} |"), (row, log)
+
+
+def test_analyze_robustness_right_after_train_names_lwat_eval(capsys, tmp_path):
+    """robustness reads the runs' eval.json, which `lwat eval` writes: right after `lwat train` the command says so in
+    one line naming `lwat eval RUN` (it said "not evaluated yet" and nothing of what to do), and runs after it."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert run(capsys, "train", *SMALL, "--out", one)[0] == 0
+    shutil.copytree(one, two)  # a second trained run, not evaluated either
+    code, out, err = run(capsys, "analyze", "robustness", one, "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{one}: not evaluated yet" in err and f"run `lwat eval {one}` first" in err, err
+    assert not (tmp_path / "one" / "analysis").exists()
+    assert run(capsys, "eval", one, "--eps", "0", "0.1", "--device", "cpu")[0] == 0
+    code, out, err = run(capsys, "analyze", "robustness", one, two, "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1 and f": {two}: not evaluated yet" in err, err  # only the one lacking
+    assert f"run `lwat eval {two}` first" in err, err
+    code, out, err = run(capsys, "analyze", "robustness", one, "--device", "cpu")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "one" / "analysis" / "robustness.json").read_text())["rows"]
+    assert {r["eps"] for r in rows} == {0.0, 0.1}
 
 
 def test_analyze_every_analysis_on_tiny_runs(capsys, tmp_path):
