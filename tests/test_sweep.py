@@ -156,19 +156,23 @@ def test_an_interrupted_training_stops_the_sweep(monkeypatch, capsys, tmp_path):
     assert json.loads((tmp_path / "s" / "sweep.json").read_text())["status"] == "interrupted"
 
 
-def test_readme_command_makes_the_committed_runs_keys(tmp_path):
-    # The README's CIFAR-10 sweep must find the runs trained for it: Table 4's cpu-scale baseline config with a
-    # 5,000-image validation split, the method and eps changed.
+# The CIFAR-10 sweep of the cpu scale, as a user types it (results/cpu/sweep-vgg16_bn holds its runs).
+CIFAR10_SWEEP = ("sweep --model vgg16_bn --width 0.25 --train-subset 10000 --epochs 30 --lr-drop-every 5 --no-flip "
+                 "--no-crop --val-size 5000 --dataset folder --data-dir DATA --eps 5 10 20 30 --out OUT")
+
+
+def test_cifar10_sweep_trains_table4s_cpu_runs_with_a_validation_split(tmp_path):
+    """The sweep's trainings are Table 4's cpu-scale baseline config with a 5,000-image validation split, the method
+    and eps changed: the same run keys, so the sweep and `lwat reproduce` find each other's runs."""
     from lwat.cli import config_from_args, make_parser
     from lwat.presets import get_preset, resolve_data
 
-    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
-    line = next(line for line in open(readme) if line.startswith("lwat sweep --model vgg16_bn"))
-    args = make_parser().parse_args(line.split()[1:])
+    data = tmp_path / "cifar10-jpeg.tar.gz"
+    data.write_bytes(b"")  # the key holds the file's stem, not its content
+    args = make_parser().parse_args(CIFAR10_SWEEP.replace("DATA", str(data)).replace("OUT", str(tmp_path)).split())
+    assert args.eps_list == [5.0, 10.0, 20.0, 30.0]
     base = config_from_args(args)
-    (tmp_path / "cifar10-jpeg.tar.gz").write_bytes(b"")  # the key holds the file's stem, not its content
-    data = resolve_data("cpu", tmp_path / "cifar10-jpeg.tar.gz")
-    table4 = next(t.config for t in get_preset("table4").plan("cpu", 1, data, "cpu").trainings
+    table4 = next(t.config for t in get_preset("table4").plan("cpu", 1, resolve_data("cpu", data), "cpu").trainings
                   if t.config.method == "baseline")
     wanted = {run_key(table4.replace(method=m, eps=e, val_size=5000))
               for m, e in [("baseline", 10.0)] + [("lat", e) for e in args.eps_list]}
