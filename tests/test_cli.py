@@ -162,6 +162,9 @@ def test_analyze_robustness_right_after_train_names_lwat_eval(capsys, tmp_path):
     code, out, err = run(capsys, "analyze", "robustness", one, "--device", "cpu")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"{one}: not evaluated yet" in err and f"run `lwat eval {one}` first" in err, err
+    code, out, err = run(capsys, "analyze", "robustness", one, two, "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1 and f"{one}, {two}: not evaluated yet" in err, err
+    assert "run `lwat eval RUN` on each first" in err, err
     assert not (tmp_path / "one" / "analysis").exists()
     assert run(capsys, "eval", one, "--eps", "0", "0.1", "--device", "cpu")[0] == 0
     code, out, err = run(capsys, "analyze", "robustness", one, two, "--device", "cpu")
