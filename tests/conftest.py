@@ -72,7 +72,8 @@ COMPILES = re.compile(r"(^|_)(compiled?|fused)(_|$)")
 ALSO_COMPILES = {"test_benchmark_row_against_hand_counts"}  # its row is eager-kernels mode: kernels="compiled"
 NEVER_COMPILES = {"test_kernels_that_cannot_compile_are_one_line_exit_2"}
 # Eager tests of which one case took 0.5 s or more (trainings, reproductions, other processes, importing a package
-# that only they use): `--durations` on this project's 2-core VM under load 4-6, 2026-12-07.
+# that only they use): `--durations` on this project's 2-core VM under load 3-6, 2026-12-07. A new test that takes
+# 0.5 s or more joins them, so that `-m "not slow"` stays well under a minute.
 SLOW = {
     "test_analysis.py": {"test_curves", "test_depth", "test_jacobian_end_to_end", "test_robustness",
                          "test_strength_against_hand_references", "test_table1_control_script_averages_the_seeds",
@@ -82,10 +83,13 @@ SLOW = {
                     "test_config_file_then_flags_and_resume_rules", "test_damaged_or_foreign_checkpoint_is_one_line_exit_2",
                     "test_demo_end_to_end", "test_eval_prints_table_and_writes_json"},
     "test_data.py": {"test_image_folder_errors", "test_shared_cifar10_jpeg"},
+    "test_demo.py": {"test_demo_legend_covers_no_data",
+                     "test_demo_picture_has_one_colour_per_method_with_mean_and_band"},  # its fixture draws: 5 s
     "test_models.py": {"test_wrn28_10_matches_paper_size", "test_wrn40_10_size"},
     "test_package.py": {"test_attach_trains_where_the_experiments_extra_is_not_installed",
                         "test_import_lwat_imports_no_platform_package_and_no_private_torch_module",
                         "test_the_command_without_the_extra_in_a_fresh_interpreter"},
+    "test_perturb_semantics.py": {"test_deepcopy_is_an_independent_attached_model"},
     "test_presets.py": {"test_an_analysis_of_a_run_trained_again_is_not_shown_as_its",
                         "test_an_analysis_of_an_older_version_is_kept_until_it_can_be_computed_again",
                         "test_evaluation_adds_only_the_missing_eps", "test_interrupted_reproduction_resumes",
@@ -101,6 +105,7 @@ SLOW = {
                        "test_claim_restarts_a_run_that_kept_nothing_and_refuses_a_second_trainer",
                        "test_damaged_newest_checkpoint_resumes_from_the_previous_one_bit_exact",
                        "test_evaluate_run_keeps_a_finished_runs_other_eps", "test_read_run_and_missing_config",
+                       "test_full_disk_at_a_checkpoint_is_one_line_exit_2_and_resume_works",
                        "test_host_json_records_the_machine_the_code_and_the_data",
                        "test_resume_after_an_epochs_last_step_warns_nothing",
                        "test_resume_with_both_checkpoints_damaged_is_one_line_exit_2",
@@ -110,7 +115,9 @@ SLOW = {
                       "test_an_interrupted_training_stops_the_sweep",
                       "test_choice_is_by_mean_validation_accuracy_never_test",
                       "test_smoke_sweep_writes_outputs_then_reuses_everything"},
-    "test_train.py": {"test_non_finite_loss_before_the_first_checkpoint_leaves_the_directory_reusable",
+    "test_train.py": {"test_a_checkpoint_in_the_older_one_process_layout_resumes_bit_exact",
+                      "test_rundir_and_train_import_each_other_nowhere",
+                      "test_non_finite_loss_before_the_first_checkpoint_leaves_the_directory_reusable",
                       "test_non_finite_loss_stops_and_keeps_last_good_checkpoint", "test_resume_mid_epoch_is_bit_exact",
                       "test_run_directory_contents", "test_sigint_saves_and_resume_continues"},
 }
