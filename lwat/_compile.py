@@ -28,6 +28,7 @@ import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
 from lwat import perturb
+from lwat._fused import KernelsError  # noqa: F401  (lwat/cli.py imports it from here; its home is _fused)
 
 fit_cache = torch.compiler.disable(perturb._fit_cache)  # a graph break where a point finds no cache
 

@@ -180,7 +180,7 @@ class _Point(nn.Module):
                 return _fused.batch_norm(self, state, args[0])
         out = super().forward(*args, **kwargs)
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"lwat: a perturbation point must return one tensor; {type(self).__name__[9:]} returns "
+            raise TypeError(f"lwat: a perturbation point must return one tensor; {type(self).__name__.removeprefix('Perturbed')} returns "
                             f"{type(out).__name__} (choose the module that makes the activation to perturb)")
         if handle._sizing:  # lwat/_compile.py runs the model on the meta device to learn each point's shape
             _fit_cache(state, out, handle._sizing, torch.channels_last if out.dim() == 4 else torch.contiguous_format)
