@@ -315,12 +315,6 @@ def _unflatten(flat: torch.Tensor, shape: torch.Size, layout: torch.memory_forma
     return flat.view(shape)
 
 
-def _memory(t: torch.Tensor) -> torch.Tensor:
-    # A dense channels-last t as one 1-D tensor in memory order (aminmax over it is faster than over the permuted
-    # 4-D tensor, benchmarks/README.md), else t itself.
-    return t.permute(0, 2, 3, 1).reshape(-1) if _layout(t) == torch.channels_last else t
-
-
 # ---- Eq. 5: the backward pass of a point ------------------------------------------------------------
 
 class _Eq5(torch.autograd.Function):
@@ -328,7 +322,7 @@ class _Eq5(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, state):
-        ctx.state, ctx.made = state, state.made
+        ctx.state, ctx.made, ctx.kind = state, state.made, (state.handle.scale, state.handle.direction)
         ctx.mark_dirty(out)  # identity without a view: later in-place ops on the output stay legal
         return out
 
@@ -337,8 +331,7 @@ class _Eq5(torch.autograd.Function):
         cache = _eager_cache(ctx.state, ctx.made)  # the cache as it is when the backward runs
         if cache is not None:
             with torch.no_grad():
-                signs = cache[0]
-                signs.copy_(_cache_gradient(g, *cache, ctx.state.handle.scale, ctx.state.handle.direction))
+                cache[0].copy_(_cache_gradient(g, *cache, *ctx.kind))  # fp32 sign() stored as int8
         return g, None
 
 
