@@ -1,11 +1,10 @@
-"""Benchmark: what lwat.compile_options() changes in a compiled training step, side by side in one process (CPU).
+"""Benchmark: what lwat.fusion_rule() changes in a compiled training step, side by side in one process (CPU).
 
 Four contenders take turns (benchmarks/race.py), each a ResNet-20 training step (forward, cross-entropy, backward,
-SGD) at batch 128 under torch.compile: the plain model compiled before compile_options() is first called (inductor's
-own heuristics object), lat compiled without the options, the plain model compiled after compile_options() has
-made lwat's heuristics object this thread's (it must compile exactly as before: the rule applies only to graphs
-compiled with the options), and lat compiled with them. Prints each contender's median step and its median and
-fastest step over the first baseline's.
+SGD) at batch 128 under torch.compile: the plain model and lat compiled by inductor's own rule, then the plain
+model and lat whose first step (where the forward and backward compile) ran inside `with lwat.fusion_rule()`.
+Both sides of each pair are compiled the same way: compare lat with the baseline compiled as it was. Prints each
+contender's median step and its median and fastest step over the first baseline's.
 
     python benchmarks/compile_options.py --rounds 40 --threads 2
 """
@@ -55,11 +54,14 @@ def main():
         return model
 
     steps = {"baseline": training_step(torch.compile(copy.deepcopy(base)), x, y)}
-    steps["baseline"]()  # compiled by inductor's own heuristics object, before compile_options() replaces it
     steps["lat, torch.compile(model)"] = training_step(torch.compile(attached()), x, y)
-    options = lwat.compile_options()
-    steps["baseline, compiled after compile_options()"] = training_step(torch.compile(copy.deepcopy(base)), x, y)
-    steps["lat, with compile_options()"] = training_step(torch.compile(attached(), options=options), x, y)
+    for name in list(steps):
+        steps[name]()  # compiled (forward and backward) by inductor's own rule
+    with lwat.fusion_rule():  # each step below compiles its forward and backward inside the block
+        steps["baseline, in fusion_rule()"] = training_step(torch.compile(copy.deepcopy(base)), x, y)
+        steps["lat, in fusion_rule()"] = training_step(torch.compile(attached()), x, y)
+        for name in list(steps)[2:]:
+            steps[name]()
     times = race(steps, args.rounds, args.warmup)
     median, fastest = statistics.median(times["baseline"]), min(times["baseline"])
     print(f"{args.model}, batch {args.batch_size}, CPU {torch.get_num_threads()} threads, torch {torch.__version__}, "

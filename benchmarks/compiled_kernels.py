@@ -69,7 +69,7 @@ def main():
     lwat.attach(models["lat"], args.eps)
     results = {}
     for name, model in models.items():
-        model.compile()  # in place, as the trainer does: an attached model adds lwat.compile_options()
+        model.compile()  # in place, as the trainer does
         for _ in range(3):  # the cache, then compilation
             F.cross_entropy(model(x), y).backward()
         results[name] = profile(model, x, y, args.steps)

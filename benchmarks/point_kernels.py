@@ -24,9 +24,14 @@ import statistics
 import torch
 
 import lwat
-from lwat import _compile
 from lwat.models import build_model
 from race import race
+
+
+def _memory(g):
+    # A dense channels-last g as one 1-D tensor in memory order (as lat reads a gradient's range), else g.
+    dense_cl = g.dim() == 4 and g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous()
+    return g.permute(0, 2, 3, 1).reshape(-1) if dense_cl else g
 
 
 def point_shapes(model_name: str, batch: int) -> list[torch.Size]:
@@ -92,7 +97,7 @@ def eq5_sign_into(g, buf):
 
 
 def eq5_flat_range(g, buf):
-    lo, hi = torch.aminmax(lwat.perturb._memory(g))  # the range over g's memory seen as 1-D (what lat does)
+    lo, hi = torch.aminmax(_memory(g))  # the range over g's memory seen as 1-D (what lat does)
     return buf.copy_(torch.sign(g)), lo, hi
 
 
@@ -123,7 +128,7 @@ def _eq5_fused(g):
 
 
 def _eq5_fused_int32(g):  # the sign as lwat's compiled kernels make it (lwat/_compile.py)
-    return _compile._int8_sign(g), g.amin(), g.amax()
+    return torch.sign(g).to(torch.int32).to(torch.int8), g.amin(), g.amax()
 
 
 def _eq5_fused_into(g, buf):

@@ -1,7 +1,9 @@
 """Benchmark: training-step time of baseline, lat and fgsm side by side, eager or compiled, fp32 or bf16.
 
-For each model, batch size, mode (eager; eager with lat's compiled kernels, `attach(kernels="compiled")`;
-eager with those and each BatchNorm point compiled with them, `attach(kernels="fused")`; torch.compile) and
+For each model, batch size, mode (eager; eager with each BatchNorm point's BatchNorm, Eq. 6 and Eq. 5 compiled
+together, `attach(kernels="fused")`; torch.compile, every model by `model.compile()`; the same with every model's
+graphs compiled inside `lwat.fusion_rule()`: each mode compiles both sides the same way, so compare lat with the
+baseline of its own row, compiled as the user would compile the plain model) and
 precision (--amp off / bf16 / fp16), three
 models with the same weights (baseline, lat = lwat.attach, fgsm), the data loader and a second copy of the
 baseline take turns, step for step, in one process, in an order that rotates each round (benchmarks/race.py), so
@@ -28,13 +30,14 @@ for Eq. 5's range and signs together, as one fused pass does (aten's aminmax and
     python benchmarks/step_overhead.py --device cuda --batch-size 128 512 --steps 50
     python benchmarks/step_overhead.py --models resnet20 --modes eager --amp off --steps 5   # a quick check
     python benchmarks/step_overhead.py --compile-backend aot_eager    # compiled without inductor's C++ build
-    python benchmarks/step_overhead.py --modes eager eager-kernels eager-fused --amp off   # lat's eager kernels
+    python benchmarks/step_overhead.py --modes eager eager-fused compiled compiled-rule --amp off
     python benchmarks/step_overhead.py --models resnet20 --modes compiled --amp off --scale fixed --eps 0.01
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -51,9 +54,9 @@ from lwat.train import make_passes
 from race import race
 
 METHODS = ("baseline", "lat", "fgsm")
-MODES = {"eager": "eager", "eager-kernels": "eager, kernels=compiled", "eager-fused": "eager, kernels=fused",
-         "compiled": "compiled ({backend})"}
-KERNELS = {"eager-kernels": "compiled", "eager-fused": "fused"}  # attach(kernels=...) of a mode; else "aten"
+MODES = {"eager": "eager", "eager-fused": "eager, kernels=fused", "compiled": "compiled ({backend})",
+         "compiled-rule": "compiled ({backend}), lwat.fusion_rule()"}
+KERNELS = {"eager-fused": "fused"}  # attach(kernels=...) of a mode; else "aten"
 CIFAR_TRAIN = 50_000  # images in a CIFAR-10 training epoch
 
 
@@ -91,7 +94,7 @@ def make_step(name, model, x, y, cfg, device, amp, backend):
     method = get_method(name)
     handle = lwat.attach(model, cfg.eps, scale=cfg.scale, kernels=cfg.kernels) if method.layerwise else None
     if cfg.compile:
-        model.compile(backend=backend)  # in place, after attach, as the trainer does (lat: with lwat.compile_options())
+        model.compile(backend=backend)  # in place, after attach, as the trainer does; every model alike
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     run = make_passes(model, handle, amp=amp, device_type=device.type, scaler=scaler)
@@ -124,7 +127,7 @@ def bench(name, width, batch, device, steps, warmup, mode, amp, eps, scale, chan
     options = {"width": width} if width != 1.0 else {}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     base = build_model(name, 10, **options).to(device, memory_format=fmt)
-    cfg = TrainConfig(eps=eps, scale=scale, compile=mode == "compiled", kernels=KERNELS.get(mode, "aten"))
+    cfg = TrainConfig(eps=eps, scale=scale, compile=mode.startswith("compiled"), kernels=KERNELS.get(mode, "aten"))
     x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
     runs, handles = {}, {}
@@ -136,7 +139,10 @@ def bench(name, width, batch, device, steps, warmup, mode, amp, eps, scale, chan
     batches = (b for epoch in range(10**9) for b in loader.iter_from(epoch))
     runs["loader"] = lambda: next(batches)
     runs["baseline again"], _ = make_step("baseline", copy.deepcopy(base), x, y, cfg, device, amp, backend)  # A/A
-    times = race(runs, steps, warmup, lambda: sync(device))
+    # compiled-rule: every model's graphs compile inside the block (the forward at its first step, the backward at
+    # its first backward, both in the warm-up steps); outside it inductor is untouched
+    with lwat.fusion_rule() if mode == "compiled-rule" else contextlib.nullcontext():
+        times = race(runs, steps, warmup, lambda: sync(device))
     memory = {label: peak_memory(runs[label], device) for label in ("baseline", "lat")}
     cache = handles["lat"].state_dict().values()
     cache_bytes = sum(v["signs"].nbytes + v["scale"].nbytes for v in cache)
@@ -158,7 +164,7 @@ def bench(name, width, batch, device, steps, warmup, mode, amp, eps, scale, chan
         "A/A": ms["baseline again"] / ms["baseline"],
         "floor": 1 + 1e3 * floor_s / best["baseline"],
         # eager modes that run the model's own kernels only
-        "eager floor": "—" if mode in ("compiled", "eager-fused") else 1 + 1e3 * eager_floor_s / best["baseline"],
+        "eager floor": "—" if mode != "eager" else 1 + 1e3 * eager_floor_s / best["baseline"],
         "fgsm/baseline": ms["fgsm"] / ms["baseline"],
         "lat/baseline memory": memory["lat"] / max(memory["baseline"], 1),
         "cache B/elem": cache_bytes / elements,
@@ -176,8 +182,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed steps first (compilation: torch.compile's on steps 1-2, lat's kernels' on 1)")
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=list(MODES),
-                        help="eager; eager-kernels: eager with attach(kernels='compiled'); eager-fused: eager with "
-                             "attach(kernels='fused'); compiled: torch.compile")
+                        help="eager; eager-fused: eager with attach(kernels='fused'); compiled: model.compile(); "
+                             "compiled-rule: model.compile(), graphs compiled inside lwat.fusion_rule()")
     parser.add_argument("--amp", nargs="+", default=["off", "bf16"], choices=AMPS, help="precisions to compare")
     parser.add_argument("--eps", type=float, default=10.0, help="lat's eps (the cost does not depend on it)")
     parser.add_argument("--scale", default="range", choices=SCALES,

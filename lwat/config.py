@@ -81,10 +81,9 @@ class TrainConfig:
                          "GradScaler; the perturbation always uses the unscaled gradient")
     compile: bool = _f(False, "torch.compile the model: lwat's cache update (Eq. 5) is traced into the compiled "
                               "backward")
-    kernels: str = _f("aten", "how eager mode computes the method's per-point work (Eq. 5, 6): aten; compiled "
-                              "(one torch.compile'd pass each, compiled on the first steps; needs a C++ compiler "
-                              "on the CPU); or fused (compiled, and each BatchNorm point's BatchNorm compiled with "
-                              "them: the fastest; equal within float rounding); no effect with --compile")
+    kernels: str = _f("aten", "how eager mode runs a BatchNorm point: aten (torch's ops); or fused (its BatchNorm "
+                              "with Eq. 6 / Eq. 5 as torch.compile'd kernels: faster, compiled on the first steps, "
+                              "needs a C++ compiler on the CPU; equal within float rounding); no effect with --compile")
     eval_batch_size: int = _f(500, "images per step when measuring test accuracy")
 
     def __post_init__(self):

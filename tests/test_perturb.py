@@ -11,7 +11,6 @@ from torch import nn
 
 import lwat
 from torch._dynamo.utils import counters
-from torch._inductor.choices import InductorChoices
 from torch._inductor.utils import run_and_get_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -128,7 +127,7 @@ def lwat_run(model, data, eps, scale, lr=0.1, **kw):
     return model, handle, [sgd_step(model, opt, x, y) for x, y in data]
 
 
-@pytest.mark.parametrize("kernels", ["aten", "compiled", "fused"])
+@pytest.mark.parametrize("kernels", ["aten", "fused"])
 @pytest.mark.parametrize("scale,eps", [("range", 10.0), ("fixed", 0.3)])
 @pytest.mark.parametrize("make,shape", [(conv_bn_net, (8, 3, 8, 8)), (tanh_mlp, (8, 12))])
 def test_algorithm1_matches_hand_written_reference(make, shape, scale, eps, kernels, device):
@@ -342,7 +341,7 @@ def test_layer_norm_points_match_the_reference(device):
     (dict(eps=1.0, depth=1.5), "depth must be in 1..3"),
     (dict(eps=1.0, depth=4), "depth must be in 1..3"),
     (dict(eps=1.0, direction="up"), "unknown direction"),
-    (dict(eps=1.0, kernels="fast"), "unknown kernels 'fast'; known: aten, compiled, fused"),
+    (dict(eps=1.0, kernels="fast"), "unknown kernels 'fast'; known: aten, fused"),
     (dict(eps=1.0, points=nn.LayerNorm), "no perturbation point found in Nested: points=LayerNorm matches no module"),
     (dict(eps=1.0, points=lambda n, m: False), "points=the callable <lambda> matches no module"),
     (dict(eps=1.0, points="stem"), "points must be a non-empty list of module names"),
@@ -407,7 +406,7 @@ def test_caches_are_per_instance_and_signs_are_int8(device):
     assert not any(name.startswith("_lwat") for name, _ in a.named_buffers())
 
 
-@pytest.mark.parametrize("kernels", ["aten", "compiled", "fused"])
+@pytest.mark.parametrize("kernels", ["aten", "fused"])
 def test_channels_last_cache_and_output(kernels, device):
     torch.manual_seed(0)
     net = conv_bn_net().to(device)
@@ -443,40 +442,13 @@ def dtype_run(net, kernels, dtype, device):
     return model, handle.state_dict(), outs[-1]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_compiled_kernels_equal_aten_in_bf16_and_fp64(dtype, device):
-    """The compiled Eq. 6 rounds as aten's addcmul_ does: under bf16 autocast eps_l in bf16, the sum in fp32,
-    rounded once; in fp64 the sum in fp64."""
-    torch.manual_seed(0)
-    net = conv_bn_net()
-    (m1, c1, _), (m2, c2, _) = (dtype_run(net, kernels, dtype, device) for kernels in ("aten", "compiled"))
-    assert all(torch.equal(c1[p]["signs"], c2[p]["signs"]) and torch.equal(c1[p]["scale"], c2[p]["scale"]) for p in c1)
-    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
-
-
-def test_compiled_kernels_compile_once_per_dtype():
-    """One compiled graph per kernel serves 4-D and 2-D points, every batch size and both layouts (each kernel
-    gets 1-D tensors that are not views), so a run never nears dynamo's recompile limit."""
-    torch._dynamo.reset()
-    counters.clear()
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(4 * 8 * 8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
-    lwat.attach(net, 10.0, kernels="compiled")
-    for n, layout in ((8, torch.contiguous_format), (8, torch.contiguous_format), (3, torch.contiguous_format),
-                      (16, torch.channels_last), (16, torch.channels_last)):
-        x = torch.randn(n, 3, 8, 8).contiguous(memory_format=layout)
-        F.cross_entropy(net(x), torch.randint(0, 5, (n,))).backward()
-    assert counters["stats"]["unique_graphs"] == 2  # Eq. 6 and Eq. 5
-
-
-@pytest.mark.parametrize("kernels", ["compiled", "fused"])
-def test_compiled_kernels_cache_semantics_equal_aten(kernels, device):
-    """With kernels="compiled" or "fused" Eq. 5 replaces the cache tensor; what the cache holds is still what the
+def test_fused_kernels_cache_semantics_equal_aten(device):
+    """With kernels="fused" Eq. 5 replaces the cache tensor; what the cache holds is still what the
     aten path leaves: a cache loaded between a forward and its backward stays (that backward leaves it alone), two
     forwards before their backwards leave the later one's signs, and a graph kept alive after its backward (the
     `loss` of the last step) does not keep a replaced cache alive."""
     import weakref
+    kernels = "fused"
     torch.manual_seed(0)
     net = conv_bn_net().to(device)
     data = batches(4, (8, 3, 8, 8), device=device)
@@ -501,44 +473,7 @@ def test_compiled_kernels_cache_semantics_equal_aten(kernels, device):
             assert read() is None
     for p in caches["aten"]:
         assert torch.equal(caches["aten"][p]["signs"], caches[kernels][p]["signs"])
-        if kernels == "compiled":  # bit for bit; fused: its BatchNorm rounds otherwise
-            assert torch.equal(caches["aten"][p]["scale"], caches[kernels][p]["scale"])
         torch.testing.assert_close(caches["aten"][p]["scale"], caches[kernels][p]["scale"])
-
-
-def count_calls(monkeypatch, *names):
-    """Counts of calls of these lwat/_compile.py functions, which still run."""
-    from lwat import _compile
-    calls = dict.fromkeys(names, 0)
-    for name in names:
-        def counted(*args, _name=name, _kernel=getattr(_compile, name)):
-            calls[_name] += 1
-            return _kernel(*args)
-        monkeypatch.setattr(_compile, name, counted)
-    return calls
-
-
-def test_compiled_kernels_are_used_and_equal_aten_when_the_gradient_has_another_layout(monkeypatch, device):
-    """kernels="compiled" runs Eq. 6 and Eq. 5 through lwat/_compile.py's kernels at every point and step, and
-    computes exactly what the aten kernels compute, also where a channels-last activation gets a gradient in the
-    default layout (a flatten after it), so the new signs cannot simply become the cache."""
-    calls = count_calls(monkeypatch, "eq6", "eq5")
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.ReLU(),
-                        nn.Linear(4 * 6 * 6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5))
-    net = net.to(device, memory_format=torch.channels_last)
-    data = [(x.to(memory_format=torch.channels_last), y) for x, y in batches(3, (8, 3, 6, 6), device=device)]
-    m1, h1, outs1 = lwat_run(net, data, 10.0, "range")
-    m2, h2, outs2 = lwat_run(net, data, 10.0, "range", kernels="compiled")
-    assert calls == {"eq6": 3 * 2, "eq5": 3 * 2}  # 3 steps, 2 points
-    assert h2.state_dict()["1"]["signs"].is_contiguous(memory_format=torch.channels_last)
-    for o1, o2 in zip(outs1, outs2):
-        assert torch.equal(o1, o2)
-    for p in h1.points:
-        assert torch.equal(h1.state_dict()[p]["signs"], h2.state_dict()[p]["signs"])
-        assert torch.equal(h1.state_dict()[p]["scale"], h2.state_dict()[p]["scale"])
-    for a, b in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(a, b)
 
 
 def test_random_direction_has_same_scale(device):
@@ -614,7 +549,7 @@ class HostCopies(TorchDispatchMode):
 
 @pytest.mark.parametrize("scale,loss_scale,direction,kernels", [
     ("range", None, "gradient", "aten"), ("fixed", None, "gradient", "aten"), ("range", 1024.0, "gradient", "aten"),
-    ("range", None, "random", "aten"), ("range", 1024.0, "gradient", "compiled"), ("range", None, "gradient", "fused")])
+    ("range", None, "random", "aten"), ("range", 1024.0, "gradient", "fused"), ("range", None, "gradient", "fused")])
 def test_training_steps_copy_nothing_to_the_host(scale, loss_scale, direction, kernels, device):
     """Issue 16: Eq. 6 and Eq. 5 never wait for the device: no value is read on the host, the overflow guard under
     a loss scale included, over the first step (no cache yet), full batches and a smaller last batch. Under the
@@ -644,7 +579,7 @@ def test_training_steps_copy_nothing_to_the_host(scale, loss_scale, direction, k
     (False, torch.channels_last, False, "range"), (True, torch.channels_last, True, "range"),
     (False, torch.channels_last, True, "fixed")])
 def test_compiled_equals_eager(plain_first, layout, in_place, scale, device):
-    """in_place: model.compile(), which compiles an attached model with lwat.compile_options(). scale="fixed":
+    """in_place: model.compile() (the attached module's own call compiled). scale="fixed":
     compiled, the signs follow the per-channel sum instead of the range."""
     eps = 10.0 if scale == "range" else 0.3
     torch._dynamo.reset()
@@ -706,10 +641,12 @@ def backward_loop_nests(model, x, y, **compile_kwargs) -> int:
     return sum(n * len(re.findall(rf"\b{kernel}\(", calls)) for kernel, n in loops.items())
 
 
-def test_compile_options_fuse_the_cache_writes_into_the_backward_loops(device):
-    """With lwat.compile_options(), a point's signs are written by its BatchNorm backward's own loop: the compiled
-    backward runs no loop nest more than the plain model's. Without them, inductor's distance rule keeps most writes
-    in loops of their own; a plain model compiled after the options were made is compiled by inductor's own rule."""
+def test_fusion_rule_fuses_the_cache_writes_inside_its_block_only(device):
+    """Inside `with lwat.fusion_rule()`, a point's signs are written by its BatchNorm backward's own loop: the
+    compiled backward runs no loop nest more than the plain model's. After the block, inductor is as before: an
+    attached model compiled then keeps most writes in loops of their own (inductor's distance rule), and
+    inductor's heuristics object and options are inductor's own."""
+    from torch._inductor.virtualized import V
     if device.type != "cpu":
         pytest.skip("reads inductor's C++ code")
 
@@ -721,28 +658,20 @@ def test_compile_options_fuse_the_cache_writes_into_the_backward_loops(device):
 
     torch.manual_seed(0)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
-    nets = {name: deep_net() for name in ("options", "default", "plain")}
-    for name in ("options", "default"):
+    nets = {name: deep_net() for name in ("rule", "default", "plain")}
+    for name in ("rule", "default"):
         lwat.attach(nets[name], 10.0)
     torch._dynamo.reset()
+    before = type(V.choices)
     # No cache (a cached graph's code is not shown); 2 threads, so that each loop nest is an OpenMP loop.
     with torch._inductor.config.patch({"force_disable_caches": True, "cpp.threads": 2}):
-        nests = {"options": backward_loop_nests(nets["options"], x, y, options=lwat.compile_options()),
-                 "default": backward_loop_nests(nets["default"], x, y),
-                 "plain": backward_loop_nests(nets["plain"], x, y)}
-    assert nests["options"] == nests["plain"] < nests["default"], nests
-
-
-def test_model_compile_adds_the_options_where_inductor_compiles():
-    from lwat._compile import with_compile_options
-    ours = lwat.compile_options()["inductor_choices_class"]
-    assert with_compile_options({})["options"]["inductor_choices_class"] is ours
-    tuned = with_compile_options({"mode": "max-autotune", "dynamic": False})  # torch.compile takes mode or options
-    assert "mode" not in tuned and tuned["options"]["max_autotune"] is True and tuned["dynamic"] is False
-    assert tuned["options"]["inductor_choices_class"] is ours
-    theirs = {"inductor_choices_class": InductorChoices}  # a user's own heuristics are kept
-    assert with_compile_options({"options": theirs})["options"]["inductor_choices_class"] is InductorChoices
-    assert with_compile_options({"backend": "aot_eager"}) == {"backend": "aot_eager"}
+        with lwat.fusion_rule():
+            nests = {"rule": backward_loop_nests(nets["rule"], x, y)}
+        assert type(V.choices) is before and torch._inductor.config.inductor_choices_class is None
+        nests["default"] = backward_loop_nests(nets["default"], x, y)
+        nests["plain"] = backward_loop_nests(nets["plain"], x, y)
+    assert nests["rule"] == nests["plain"] < nests["default"], nests
+    torch._dynamo.reset()
 
 
 class TorchvisionBlock(nn.Module):
@@ -1015,10 +944,16 @@ def fused_net():
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_fused_batch_norm_points_equal_torch_batch_norm_within_rounding(layout, monkeypatch, device):
-    """kernels="fused" runs each BatchNorm point of a train-mode pass as lwat/_compile.py's two BatchNorm kernels,
+    """kernels="fused" runs each BatchNorm point of a train-mode pass as lwat/_fused.py's two BatchNorm kernels,
     and computes what torch's BatchNorm and the aten Eq. 5 / Eq. 6 compute: outputs, parameters, running
     statistics and the cache, within float rounding (the signs exactly), over full and smaller batches."""
-    calls = count_calls(monkeypatch, "bn_forward", "bn_backward")
+    from lwat import _fused
+    calls = {"bn_forward": 0, "bn_backward": 0}
+
+    def counted(kernel, *args, _run=_fused._run):
+        calls["bn_forward" if len(args) == 9 else "bn_backward"] += 1  # (x, ..., eps) or (g, ..., capture)
+        return _run(kernel, *args)
+    monkeypatch.setattr(_fused, "_run", counted)
     torch.manual_seed(0)
     net = fused_net().to(device, memory_format=layout)
     data = [(x.to(memory_format=layout), y) for x, y in batches(3, (8, 3, 8, 8), device=device)]
@@ -1061,14 +996,14 @@ def test_fused_batch_norm_keeps_torchs_dtypes_under_bf16_autocast_and_in_fp64(dt
 
 
 @pytest.mark.parametrize("bn", [dict(momentum=None), dict(affine=False), dict(track_running_stats=False)])
-def test_fused_leaves_other_batch_norms_to_the_compiled_kernels(bn, device):
+def test_fused_leaves_other_batch_norms_to_torch(bn, device):
     """A BatchNorm the fused kernels do not cover (a cumulative average, no affine weights, no running statistics)
-    runs torch's BatchNorm with the compiled Eq. 5 / Eq. 6: bit for bit what kernels="compiled" computes."""
+    runs torch's BatchNorm with the aten Eq. 5 / Eq. 6: bit for bit what kernels="aten" computes."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, **bn), nn.ReLU(), nn.Flatten(),
                         nn.Linear(4 * 6 * 6, 5)).to(device)
     data = batches(3, (8, 3, 6, 6), device=device)
-    (m1, h1, outs1), (m2, h2, outs2) = (lwat_run(net, data, 10.0, "range", kernels=k) for k in ("compiled", "fused"))
+    (m1, h1, outs1), (m2, h2, outs2) = (lwat_run(net, data, 10.0, "range", kernels=k) for k in ("aten", "fused"))
     assert all(torch.equal(o1, o2) for o1, o2 in zip(outs1, outs2))
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     assert torch.equal(h1.state_dict()["1"]["signs"], h2.state_dict()["1"]["signs"])

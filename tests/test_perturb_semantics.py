@@ -2,6 +2,7 @@
 docstring, "Rules worth knowing"): gradient accumulation, activation checkpointing, copies and EMA averages,
 torch.func.functional_call. Each compared with a hand computation or with the same run without the pattern."""
 
+import contextlib
 import copy
 
 import pytest
@@ -169,3 +170,63 @@ def test_functional_call_is_a_normal_call(device):
         mine = handle.state_dict()[p]
         theirs = dict(twin.named_modules())[p]._lwat
         assert torch.equal(mine["signs"], theirs.signs) and torch.equal(mine["scale"], theirs.scale), p
+
+
+def test_update_bn_on_an_averaged_copy_gives_the_plain_models_statistics_when_paused(device):
+    """Issue 33: AveragedModel of an attached model after training began copies the cache, so update_bn's
+    train-mode passes are perturbed. The recipe of perturb.py's docstring, `with lwat.handle_of(swa).paused():
+    update_bn(...)`, gives what the plain model's own update_bn gives: the same running statistics and eval output
+    as an AveragedModel of a plain copy with the same weights; without it they differ."""
+    from torch.optim.swa_utils import update_bn
+    torch.manual_seed(0)
+    model, handle, _ = lwat_run(conv_bn_net().to(device), batches(3, (8, 3, 8, 8), device=device), 10.0, "range")
+    loader = [x for x, _ in batches(4, (8, 3, 8, 8), seed=1, device=device)]
+    plain = copy.deepcopy(model)
+    lwat.handle_of(plain).detach()  # the plain model on the same weights
+    reference = AveragedModel(plain)
+    update_bn(loader, reference)
+    results = {}
+    for paused in (True, False):
+        swa = AveragedModel(model)
+        assert lwat.handle_of(swa) is not handle and lwat.handle_of(swa.module).points == handle.points
+        with lwat.handle_of(swa).paused() if paused else contextlib.nullcontext():
+            update_bn(loader, swa)
+        results[paused] = swa.eval()(loader[0]).detach(), swa.module[4].running_mean.clone()  # after a point
+    expected = reference.eval()(loader[0]).detach(), reference.module[4].running_mean
+    assert torch.equal(results[True][0], expected[0]) and torch.equal(results[True][1], expected[1])
+    assert not torch.allclose(results[False][0], expected[0], atol=1e-6)  # unpaused: perturbed statistics
+    assert not torch.allclose(results[False][1], expected[1], atol=1e-6)
+    with pytest.raises(ValueError, match="holds 0 attached models"):
+        lwat.handle_of(plain)
+
+
+def test_handle_of_finds_the_handle_of_the_attached_module(device):
+    model = conv_bn_net().to(device)
+    handle = lwat.attach(model, 10.0)
+    assert lwat.handle_of(model) is handle and lwat.handle_of(nn.Sequential(model)) is handle
+    with pytest.raises(ValueError, match="holds 2 attached models"):
+        lwat.handle_of(nn.Sequential(model, copy.deepcopy(model)))
+
+
+def test_eps_l_is_fp32_when_the_default_dtype_is_bfloat16():
+    """Issue 33 (Lightning precision="bf16-true" sets the default dtype to bfloat16): eps_l is stored in fp32,
+    equal to eps * (max - min) of the point's gradient computed in fp32, not rounded to bf16."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+        plain, model = copy.deepcopy(net), copy.deepcopy(net)
+        handle = lwat.attach(model, 10.0)
+        x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+        F.cross_entropy(model(x), y).backward()
+        seen = {}
+        plain[1].register_forward_hook(lambda m, args, out: seen.update(out=out) or out.retain_grad())
+        F.cross_entropy(plain(x), y).backward()  # the first pass is unperturbed: the same gradient
+        g = seen["out"].grad.float()
+        scale = handle.state_dict()["1"]["scale"]
+        assert scale.dtype == torch.float32 and handle._loss_scale.dtype == torch.float32
+        assert torch.equal(scale, 10.0 * (g.max() - g.min()))
+        assert not torch.equal(scale, scale.bfloat16().float())  # a value bf16 cannot hold
+    finally:
+        torch.set_default_dtype(saved)

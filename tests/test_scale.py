@@ -43,12 +43,14 @@ def test_amp_config_and_flags():
 def test_kernels_config_reaches_the_handle_and_not_the_run_key():
     from lwat.reproduce import run_key
     from lwat.train import build
-    with pytest.raises(ConfigError, match="kernels: unknown value 'fast'; known: aten, compiled, fused"):
+    with pytest.raises(ConfigError, match="kernels: unknown value 'fast'; known: aten, fused"):
         TrainConfig(kernels="fast")
-    args = make_parser().parse_args(["train", "--kernels", "compiled"])
-    assert args.kernels == "compiled" and TrainConfig().kernels == "aten"
-    cfg = TrainConfig(model="resnet20", width=0.25, kernels="compiled")
-    assert build(cfg, 10, (3, 32, 32))[1].kernels == "compiled"
+    with pytest.raises(ConfigError, match="kernels: unknown value 'compiled'; known: aten, fused"):  # removed
+        TrainConfig(kernels="compiled")
+    args = make_parser().parse_args(["train", "--kernels", "fused"])
+    assert args.kernels == "fused" and TrainConfig().kernels == "aten"
+    cfg = TrainConfig(model="resnet20", width=0.25, kernels="fused")
+    assert build(cfg, 10, (3, 32, 32))[1].kernels == "fused"
     assert run_key(cfg) == run_key(cfg.replace(kernels="aten"))  # speed, not the math: the same run
 
 
@@ -93,7 +95,7 @@ def test_grad_scaler_leaves_eps_l_signs_and_gradients_unchanged(method, device):
         torch.testing.assert_close(g1, g2)
 
 
-@pytest.mark.parametrize("kernels", ["aten", "compiled", "fused"])
+@pytest.mark.parametrize("kernels", ["aten", "fused"])
 def test_skipped_fp16_step_keeps_the_cache(kernels, device):
     """An fp16 backward that overflows (the scaler skips the step) leaves the previous signs and eps_l."""
     torch.manual_seed(0)
@@ -215,7 +217,7 @@ def test_benchmark_row_against_hand_counts(device, monkeypatch):
     the hand count (1 byte per perturbed activation element, one fp32 scale per point) and its ratios and epoch
     estimates are those of its own step times."""
     bench = benchmark("step_overhead", monkeypatch)
-    row = bench.bench("resnet20", width=0.25, batch=4, device=device, steps=1, warmup=1, mode="eager-kernels",
+    row = bench.bench("resnet20", width=0.25, batch=4, device=device, steps=1, warmup=1, mode="eager",
                       amp="bf16", eps=10.0, scale="range", channels_last=True, backend="inductor")
     model = build_model("resnet20", 10, width=0.25)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -225,7 +227,7 @@ def test_benchmark_row_against_hand_counts(device, monkeypatch):
     for h in hooks:
         h.remove()
     assert row["cache B/elem"] == pytest.approx((sum(sizes) + 4 * len(bns)) / sum(sizes), rel=1e-12)
-    assert (row["mode"], row["amp"]) == ("eager, kernels=compiled", "bf16")
+    assert (row["mode"], row["amp"]) == ("eager", "bf16")
     ms = {m: row[f"{m} ms"] for m in bench.METHODS}
     assert row["lat/baseline"] == pytest.approx(ms["lat"] / ms["baseline"])
     assert row["fgsm/baseline"] == pytest.approx(ms["fgsm"] / ms["baseline"])
@@ -233,46 +235,6 @@ def test_benchmark_row_against_hand_counts(device, monkeypatch):
     assert row["eager floor"] - 1 == pytest.approx(2 * (row["floor"] - 1), rel=1e-9) and row["floor"] > 1
     steps = 50_000 // 4  # a CIFAR-10 epoch of batches of 4
     assert row["epoch s (baseline / lat / fgsm)"] == " / ".join(f"{ms[m] * steps / 1e3:.1f}" for m in bench.METHODS)
-
-
-def test_eager_kernels_benchmark_races_the_method(monkeypatch):
-    """benchmarks/eager_kernels.py's minimal hook version computes what lat computes (same gradients on the second
-    step, the first one perturbed), also with Eq. 6 unrecorded (no_grad), so the race compares equal work; the
-    baseline's differ, its A/A copy's do not."""
-    bench = benchmark("eager_kernels", monkeypatch)
-    torch.manual_seed(0)
-    models = bench.contenders(build_model("resnet20", 10, width=0.25), eps=10.0, compiled=False)
-    models["unrecorded"] = bench.hooked(copy.deepcopy(models["baseline"]), 10.0, bench.aten_eq6, bench.aten_eq5,
-                                        recorded=False)
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    grads = {}
-    for name, model in models.items():
-        for _ in range(2):
-            model.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-        grads[name] = [p.grad for p in model.parameters()]
-    for other in ("hooks: aten", "unrecorded"):
-        for a, b in zip(grads["lat"], grads[other]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    assert any(not torch.allclose(a, b) for a, b in zip(grads["lat"], grads["baseline"]))
-    for a, b in zip(grads["baseline again"], grads["baseline"]):  # the A/A pair does the same work
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_eager_kernels_benchmarks_compiled_batch_norm_is_torchs_within_rounding(monkeypatch):
-    """The race's "BatchNorm compiled, no lat" does the plain model's work: gradients and running statistics equal
-    the plain model's within float rounding."""
-    bench = benchmark("eager_kernels", monkeypatch)
-    torch.manual_seed(0)
-    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
-    compiled = bench.compiled_batch_norm(copy.deepcopy(plain))
-    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
-    for model in (plain, compiled):
-        nn.functional.cross_entropy(model(x), y).backward()
-    for a, b in zip(plain.parameters(), compiled.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(plain[1].running_var, compiled[1].running_var)
-    assert not torch.equal(plain[1].running_var, torch.ones(4))  # a training pass ran
 
 
 def test_compiled_kernels_profile_splits_forward_and_backward(monkeypatch):

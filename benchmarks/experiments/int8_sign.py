@@ -7,6 +7,9 @@ and channels-last, taking turns; each line gives the median of 25 calls and the 
 variants' signs are checked equal first.
 
     python benchmarks/experiments/int8_sign.py
+
+Runs against lwat/_compile.py as it was at b00be2d (`git worktree add /tmp/lwat-b00be2d b00be2d`, then
+PYTHONPATH=/tmp/lwat-b00be2d): the kernels it compares now live in lwat/_fused.py, with the int32 sign it chose.
 """
 
 import statistics
