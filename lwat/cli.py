@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """The parsed command, its input errors as one line and exit 2."""
-    from lwat._compile import KernelsError
+    from lwat._fused import KernelsError
     from lwat.train import TrainingError
 
     try:

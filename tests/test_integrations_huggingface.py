@@ -196,9 +196,9 @@ def test_fp16_under_deepspeed_is_refused():
 
 def test_points_by_class_and_kernels_pass_through(tmp_path):
     model = bert()
-    lat = LayerwiseAdversarialCallback(EPS, points=nn.LayerNorm, kernels="compiled")
+    lat = LayerwiseAdversarialCallback(EPS, points=nn.LayerNorm, kernels="fused")
     record = Recorder(lat, model)
     trainer(tmp_path, model, [lat, record], max_steps=2, save_strategy="no").train()
     assert sorted(record.steps[-1]["after"]) == sorted(LAYERNORMS)
-    assert [s["kernels"] for s in record.steps] == ["compiled", "compiled"]
+    assert [s["kernels"] for s in record.steps] == ["fused", "fused"]
     check_steps(record.steps, LAYERNORMS)

@@ -213,9 +213,9 @@ def test_a_fit_that_raises_leaves_the_plain_model_and_its_last_cache():
 
 
 def test_points_by_class_and_kernels_pass_through():
-    lat = LayerwiseAdversarialTraining(EPS, points=nn.LayerNorm, kernels="compiled")
+    lat = LayerwiseAdversarialTraining(EPS, points=nn.LayerNorm, kernels="fused")
     record = Recorder(lat)
     trainer([lat, record], max_steps=2).fit(Net(), loader())
     assert sorted(record.batches[-1]["after"]) == LAYERNORMS
-    assert [b["kernels"] for b in record.batches] == ["compiled", "compiled"]
+    assert [b["kernels"] for b in record.batches] == ["fused", "fused"]
     check_batches(record.batches, LAYERNORMS)
