@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30, help="timed rounds (default: 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default: 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as the study's runs)")
-    p.add_argument("--out", default="results/regularizers/cost.json", help="JSON written (default: %(default)s)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "regularizers" / "cost.json"),
+                   help="JSON written (default: the repository's results/regularizers/cost.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     plan = get_preset(regularizers.NAME).plan(args.scale, 1, device="cpu")
