@@ -110,8 +110,7 @@ def render(res) -> list[str]:
     lines += ["", "Accuracy: mean ± sample std over seeds. The difference is paired by seed (a t interval on the "
               "per-seed differences); 'not decided' where the interval spans 0 or a side has fewer than 3 seeds.",
               _cost_note(cost), ""]
-    if (base or {}) and _by_seed(res, "lat"):
-        lines += ["**" + headline(res) + "**", ""]
+    lines += ["**" + headline(res) + "**", ""]
     lines.append("Claims (each by the one rule, lwat.render.verdict):")
     lat = _by_seed(res, "lat")
     for group in groups():
@@ -136,6 +135,10 @@ def _cost_note(cost: dict) -> str:
 def headline(res) -> str:
     """The study's answer in one sentence, from the verdicts alone."""
     lat, base = _by_seed(res, "lat"), _by_seed(res, "baseline")
+    if not lat or not base:
+        done = sum(len(res.finished(g)) for g in groups())
+        return (f"Is lat worth it? Not answered yet: {done} of {len(res.plan.trainings)} planned trainings of the "
+                f"study have finished, and {'lat' if not lat else 'the baseline'} has none.")
     others = [g for g in ROWS if g not in ("baseline", "lat") and _by_seed(res, g)]
     beats = [g for g in others if verdict(lat, _by_seed(res, g)) == "yes"]
     loses = [g for g in others if verdict(lat, _by_seed(res, g)) == "no"]
@@ -176,5 +179,7 @@ def draw(res, out) -> None:
         ax.set_ylabel("clean test accuracy (%)" if eps is None else f"accuracy under FGSM eps {eps:g} (%)")
         ax.set_title("clean" if eps is None else f"FGSM, eps {eps:g} (pixel units)")
         ax.grid(alpha=0.3)
-    fig.suptitle("VGG-16-BN (width 1/4), 10,000 CIFAR-10 images, 30 epochs: mean and 95% CI over seeds", fontsize=9)
+    cfg = next(r.config for g, _ in points for r in res.finished(g))
+    fig.suptitle(f"{cfg.model} (width {cfg.width:g}), {cfg.train_subset or 'all'} training images, {cfg.epochs} epochs: "
+                 "mean and 95% CI of the mean over seeds (n per point)", fontsize=9)
     _plot.save(fig, out / "regularizers.png")

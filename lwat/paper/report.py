@@ -107,6 +107,6 @@ def provenance(res: Results) -> str:
             missing["machine"] += not host
             missing["lwat commit"] += not host.get("lwat")
             missing["data sha256"] += not host.get("data_sha256")
-    lacking = ", ".join(f"{k}: {n}" for k, n in missing.items() if n) or "none"
-    return (f"- Provenance: rows mixing machines or lwat commits: {'; '.join(mixed) or 'none'}; finished runs "
-            f"lacking a record of {lacking}")
+    lacking = ", ".join(f"{k} ({n})" for k, n in missing.items() if n) or "none"
+    return (f"- Provenance: rows mixing machines or lwat commits: {'; '.join(mixed) or 'none'}; records that "
+            f"finished runs lack (runs): {lacking}")
