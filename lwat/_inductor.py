@@ -28,6 +28,8 @@ try:
 except ImportError as e:  # another torch: the plain path
     inductor_config = InductorChoices = V = None
     _MISSING = f"{type(e).__name__}: {e}"
+if V is not None and not hasattr(inductor_config, "inductor_choices_class"):  # the option is new in torch 2.10
+    V, _MISSING = None, "no inductor_choices_class option"
 
 
 @contextlib.contextmanager
