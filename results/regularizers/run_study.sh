@@ -25,20 +25,6 @@ for w in $(seq 1 "$workers"); do
     --device cpu --progress lines >> "$logs/worker$w.log" 2>&1 &
   sleep 20  # the next worker finds the first run locked
 done
-# Harvest: evaluate finished runs (clean + FGSM at the study's eps), copy their small files to main, commit each.
-nohup bash -c '
-while pgrep -f "lwat reproduce regularizers" > /dev/null; do
-  for run in results/regularizers/runs/*/; do
-    name=$(basename "$run")
-    [ -f "$run/metrics.json" ] || continue
-    [ -f "$run/eval.json" ] || nice -n 10 "'"$py"'" -m lwat eval "$run" --eps 0 0.02 0.04 --device cpu > /dev/null 2>&1 || continue
-    dest="'"$main"'/results/regularizers/runs/$name"
-    [ -f "$dest/eval.json" ] && continue
-    mkdir -p "$dest"
-    cp "$run"/{config,host,metrics,eval}.json "$run/log.jsonl" "$dest/"
-    (cd "'"$main"'" && git add "results/regularizers/runs/$name" &&
-     git commit -q -m "regularizers study: $name (trained from '"$commit"')" -- "results/regularizers/runs/$name") || true
-  done
-  sleep 120
-done' >> "$logs/harvest.log" 2>&1 &
+# Harvest: evaluate finished runs, copy their small files to main, commit each (harvest.sh).
+nohup bash "$main/results/regularizers/harvest.sh" "$main" "$tree" "$commit" >> "$logs/harvest.log" 2>&1 &
 echo "workers: $workers; worktree: $tree; logs: $logs"

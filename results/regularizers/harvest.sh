@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Harvest the regularizers study (see run_study.sh): every 2 minutes while a worker lives, evaluate each finished run
+# (clean + FGSM at the study's eps), copy its small files into main's results/regularizers/runs/ and commit them.
+#   bash results/regularizers/harvest.sh MAIN TREE COMMIT      (run_study.sh starts it)
+set -uo pipefail
+main=$1 tree=$2 commit=$3
+py="$main/.venv/bin/python"
+cd "$tree"
+export PYTHONPATH="$tree" OMP_NUM_THREADS=1
+while pgrep -f "^$py -m lwat reproduce regularizers" > /dev/null; do
+  for run in results/regularizers/runs/*/; do
+    name=$(basename "$run")
+    [ -f "$run/metrics.json" ] || continue
+    [ -f "$run/eval.json" ] || nice -n 10 "$py" -m lwat eval "$run" --eps 0 0.02 0.04 --device cpu > /dev/null 2>&1 || continue
+    dest="$main/results/regularizers/runs/$name"
+    [ -f "$dest/eval.json" ] && continue
+    mkdir -p "$dest"
+    cp "$run"/{config,host,metrics,eval}.json "$run/log.jsonl" "$dest/"
+    (cd "$main" && git add "results/regularizers/runs/$name" &&
+     git commit -q -m "regularizers study: $name (trained from $commit)" -- "results/regularizers/runs/$name") &&
+      echo "$(date -u +%FT%TZ) committed $name"
+  done
+  sleep 120
+done
+echo "$(date -u +%FT%TZ) no worker left: harvest ends"
