@@ -3,6 +3,19 @@
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+
+def resnet20_layout(block, width: int, relu=nn.ReLU) -> nn.Sequential:
+    """ResNet-20's layout (3 stages of 3 `block(c_in, c, stride)`, strides 1, 2, 2) around a stem and a head: one
+    block class, reused with different strides and shortcuts, as a user's torchvision-style model."""
+    blocks, c_in = [], width
+    for stage, c in enumerate((width, 2 * width, 4 * width)):
+        for i in range(3):
+            blocks.append(block(c_in, c, 2 if stage and not i else 1))
+            c_in = c
+    return nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), relu(),
+                         *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 10))
 
 
 def fraction(pred: torch.Tensor, y: torch.Tensor) -> float:

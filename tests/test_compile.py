@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lwat
+from reference import resnet20_layout
 
 
 class Block(nn.Module):
@@ -32,13 +33,7 @@ class Block(nn.Module):
 
 def resnet20(width=2):
     """ResNet-20's layout (3 stages of 3 blocks, strides 1, 2, 2), tiny widths."""
-    blocks, c_in = [], width
-    for stage, c in enumerate((width, 2 * width, 4 * width)):
-        for i in range(3):
-            blocks.append(Block(c_in, c, 2 if stage and not i else 1))
-            c_in = c
-    return nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                         *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 10))
+    return resnet20_layout(Block, width)
 
 
 @pytest.mark.compile

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lwat
+from reference import resnet20_layout
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -694,13 +695,7 @@ class TorchvisionBlock(nn.Module):
 
 
 def torchvision_resnet20(width=4):
-    blocks, c_in = [], width
-    for stage, c in enumerate((width, 2 * width, 4 * width)):
-        for i in range(3):
-            blocks.append(TorchvisionBlock(c_in, c, 2 if stage and not i else 1))
-            c_in = c
-    return nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                         *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 10))
+    return resnet20_layout(TorchvisionBlock, width, relu=lambda: nn.ReLU(inplace=True))
 
 
 def test_compiled_plain_and_attached_resnet_side_by_side_is_quiet_and_exact(device, caplog):
