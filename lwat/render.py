@@ -64,8 +64,7 @@ def difference(a, b) -> tuple[float, float | None, float | None, str]:
         mean, std, n = stats(d)
         half = t.ppf(0.975, n - 1) * std / math.sqrt(n)
         return mean, mean - half, mean + half, f"paired by seed, n = {n}"
-    a, b = (stats(list(v.values())) if isinstance(v, dict) else v for v in (a, b))
-    (ma, sa, na), (mb, sb, nb) = a, b
+    (ma, sa, na), (mb, sb, nb) = _as_stats(a), _as_stats(b)
     if na < 2 or nb < 2:
         return ma - mb, None, None, f"n = {na}/{nb}"
     va, vb = sa ** 2 / na, sb ** 2 / nb
@@ -76,13 +75,17 @@ def difference(a, b) -> tuple[float, float | None, float | None, str]:
     return ma - mb, ma - mb - half, ma - mb + half, f"Welch, n = {na}/{nb}"
 
 
+def _as_stats(values) -> Stats:
+    """`Stats` as given, or of the values of a {seed: value} dict."""
+    return stats(list(values.values())) if isinstance(values, dict) else values
+
+
 def verdict(a, b, *, higher: bool = True) -> str:
     """The one rule every claim of the reports goes through: "yes" when the 95% interval of a - b (`difference`)
     lies wholly above 0 (below 0 with higher=False), "no" when wholly on the other side, each only with at least
     MIN_RUNS runs on each side; otherwise "not decided"."""
-    n = [len(v) if isinstance(v, dict) else v[2] for v in (a, b)]
     _, lo, hi, _ = difference(a, b)
-    if min(n) < MIN_RUNS or lo is None or lo <= 0 <= hi:
+    if min(_as_stats(a)[2], _as_stats(b)[2]) < MIN_RUNS or lo is None or lo <= 0 <= hi:
         return "not decided"
     return "yes" if (lo > 0) == higher else "no"
 
@@ -94,7 +97,7 @@ def claim(text: str, a, b, *, higher: bool = True, unit: str = "%", names=("", "
     """
     if a is None or b is None or (isinstance(a, dict) and not a) or (isinstance(b, dict) and not b):
         return f"- {text}: not measured yet"
-    mean_a, mean_b = ((stats(list(v.values())) if isinstance(v, dict) else v)[0] for v in (a, b))
+    mean_a, mean_b = _as_stats(a)[0], _as_stats(b)[0]
     diff, lo, hi, how = difference(a, b)
     na, nb = (f"{n} " if n else "" for n in names)
     ci = f"95% CI [{lo:+.2f}, {hi:+.2f}]" if lo is not None else "no interval from one run"
