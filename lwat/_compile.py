@@ -1,16 +1,16 @@
 """torch.compile support for perturbation points: the cache sized before dynamo traces a pass, and Eq. 5 in a
 compiled backward. Imported by lwat/perturb.py only while dynamo traces an attached model.
 
-A compiled graph can mutate a tensor it was given but cannot make one that outlives it, so each point's cache
-must exist, at this pass's activation shape, before dynamo traces the pass. The attached model's class
-(perturb.py's `_Attached`) checks the inputs' shapes in traced code (dynamo guards on them, so a fixed-shape loop
-traces nothing more); on new shapes it calls `size_cache`, which dynamo does not trace (one graph break, before
-any of the model's code): it runs the model on the meta device, where every point makes (or keeps) its cache,
-with every torch.compile'd call inside forced eager (`model.compile()` makes the module's own `__call__` a
-compiled one: traced, the meta pass would split the model at each point and compile shared block code once per
-block variant, up to dynamo's recompile limit, which a plain model of the same classes then shares). A point
-that still finds no cache (shapes that change although the inputs' do not; a model that cannot run on the meta
-device, which is warned about) makes it with `fit_cache`, a graph break at that point: correct, slower to compile.
+A compiled graph can mutate a tensor it was given but cannot make one that outlives it, so each point's cache must
+exist, at this pass's activation shape, before dynamo traces the pass. The attached model's class (perturb.py's
+`_Attached`) checks the inputs' shapes in traced code (dynamo guards on them, so a fixed-shape loop
+traces nothing more); on new shapes it calls `size_cache`, which dynamo does not trace (one graph break, before any
+of the model's code): it runs the model on the meta device, where every point makes (or keeps) its cache, with
+every torch.compile'd call inside forced eager (`model.compile()` makes the module's own `__call__` a compiled one:
+traced, the meta pass would split the model at each point and compile shared block code once per block variant, up
+to dynamo's recompile limit, which a plain model of the same classes then shares). A point that still finds no
+cache (shapes that change although the inputs' do not; a model that cannot run on the meta device, which is warned
+about) makes it with `fit_cache`, a graph break at that point: correct, slower to compile.
 
 Torch APIs used: public (torch.compiler.disable, torch.compiler.set_stance, torch.func.functional_call, the meta
 device) and private: torch.utils._pytree.tree_leaves / tree_map (tensors inside nested inputs). Tested on torch
@@ -27,10 +27,10 @@ import warnings
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-from lwat import perturb
+from lwat import cache, perturb
 from lwat._fused import KernelsError  # noqa: F401  (lwat/cli.py imports it from here; its home is _fused)
 
-fit_cache = torch.compiler.disable(perturb._fit_cache)  # a graph break where a point finds no cache
+fit_cache = torch.compiler.disable(cache.fit)  # a graph break where a point finds no cache
 
 
 @torch.compiler.disable  # one graph break, on the passes that must size the cache
@@ -84,7 +84,7 @@ class Eq5(torch.autograd.Function):
     def backward(ctx, g):
         signs, scale, loss_scale, eps, scale_kind, direction, layout, guard = ctx.cache
         if signs.dim() == 1:
-            signs = perturb._unflatten(signs, g.shape, layout)
+            signs = cache.unflatten(signs, g.shape, layout)
         lo_hi_ordered = None
         if g.dim() > 2:
             # Per channel first: the loops of the BatchNorm's own backward reductions, so inductor fuses them

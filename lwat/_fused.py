@@ -21,7 +21,7 @@ import types
 
 import torch
 
-from lwat import perturb
+from lwat import cache, perturb
 
 
 class KernelsError(RuntimeError):
@@ -39,14 +39,14 @@ def fusable(bn, state, args, kwargs) -> bool:
             and handle.direction == "gradient" and handle._sizing is None and not torch.compiler.is_compiling()
             and torch.is_grad_enabled() and (x.requires_grad or bn.weight.requires_grad)
             and (handle.perturb or handle.capture)
-            and (handle.capture or perturb._fits(state.signs, x.shape, x.device)))
+            and (handle.capture or cache.fits(state.signs, x.shape, x.device)))
 
 
 def batch_norm(bn, state, x: torch.Tensor) -> torch.Tensor:
     """The eager point's rules (perturb._Point), with the BatchNorm and Eq. 6 in one compiled forward."""
     bn._check_input_dim(x)
-    if not perturb._fits(state.signs, x.shape, x.device):  # a new cache, eps_l 0: this pass adds nothing
-        perturb._fit_cache(state, x, x.device, perturb._layout(x))
+    if not cache.fits(state.signs, x.shape, x.device):  # a new cache, eps_l 0: this pass adds nothing
+        cache.fit(state, x, x.device, cache.layout_of(x))
     n, handle = x.shape[0], state.handle
     full = n == state.signs.shape[0]
     # Detached: not a view (the first cache is one), so the kernel does not guard on a view's base.

@@ -1,5 +1,12 @@
-"""The perturbation cache as checkpoints keep it: one format, written and read here, for lwat's trainer and the
-Lightning and Hugging Face callbacks.
+"""The perturbation cache: each point's in memory (`PointCache`, made and refitted here for lwat/perturb.py and its
+speed modules), and the form checkpoints keep it in (one format, for lwat's trainer and the Lightning and Hugging
+Face callbacks).
+
+In memory, a point's cache is r_l as int8 (in the activation's memory format) and eps_l as a 0-dim fp32 tensor,
+made by the first training pass of each activation shape and then overwritten in place. A smaller batch uses its
+first rows; another activation shape gets a new cache (eps_l = 0: that pass adds nothing).
+
+Saved, it is
 
     {"world_size": W, "ranks": {rank: {"perturbation": cache, ...}}}
 
@@ -17,7 +24,105 @@ no "ranks" at all (one process: "perturbation" and "rng" beside the checkpoint's
 
 from __future__ import annotations
 
-KEY = "perturbation"  # an entry's cache
+import itertools
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_RESHAPED_WARN = 10  # warn once at this many activation-shape changes (each costs the point an unperturbed batch)
+KEY = "perturbation"  # a saved entry's cache
+
+
+# ---- In memory -----------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class PointCache:
+    """One point's cache and its handle (`Handle`, lwat/perturb.py)."""
+    handle: object
+    signs: torch.Tensor | None = None  # int8 r_l of the previous batch (Eq. 5), activation-shaped
+    flat: torch.Tensor | None = None  # the same bytes as one 1-D tensor
+    scale: torch.Tensor | None = None  # 0-dim fp32 eps_l (whatever the default dtype); 0 until the first backward
+    layout: torch.memory_format = torch.contiguous_format  # of signs (that of the activation)
+    reshaped: int = 0  # times a new activation shape (other than the batch size) replaced the cache
+    made: int = 0  # caches made for this point (new shape, load_state_dict, ...)
+
+
+def fits(signs: torch.Tensor | None, shape: torch.Size, device: torch.device) -> bool:
+    """Whether the cache serves an output of this shape: same shape but perhaps fewer rows, same device."""
+    return signs is not None and signs.shape[1:] == shape[1:] and shape[0] <= signs.shape[0] and signs.device == device
+
+
+def fit(cache: PointCache, out: torch.Tensor, device: torch.device, layout: torch.memory_format) -> None:
+    """A new cache (eps_l = 0) for an output of this shape, unless the current one serves it; sizing for
+    torch.compile may also ask for another layout of the same values."""
+    if not fits(cache.signs, out.shape, device):
+        if cache.signs is not None and cache.signs.shape[1:] != out.shape[1:]:
+            cache.reshaped += 1
+            if cache.reshaped == _RESHAPED_WARN:
+                warnings.warn(f"lwat: a point's activation shape changed {cache.reshaped} times ({tuple(out.shape)} "
+                              "now): a batch whose activations differ in shape from the previous batch's is not "
+                              "perturbed (dynamic padding of sequences does this every batch); pad to a fixed "
+                              "length", stacklevel=2)
+        _new(cache, out.shape, layout, device)
+    elif cache.layout != layout:
+        restore(cache, cache.signs, cache.scale, layout, device)
+
+
+def restore(cache: PointCache, signs: torch.Tensor, scale: torch.Tensor, layout: torch.memory_format,
+            device: torch.device) -> None:
+    """A new cache holding `signs` and `scale` (a saved one, or the same values in another layout)."""
+    _new(cache, signs.shape, layout, device)
+    cache.signs.copy_(signs)
+    cache.scale.copy_(scale)
+
+
+def clear(cache: PointCache) -> None:
+    cache.signs = cache.flat = cache.scale = None
+
+
+def copy(points: dict[str, nn.Module]) -> dict:
+    """The points' caches as `Handle.state_dict()` gives them."""
+    def clone(t):
+        return None if t is None else t.clone(memory_format=torch.preserve_format)
+    return {n: {"signs": clone(m._lwat.signs), "scale": clone(m._lwat.scale)} for n, m in points.items()}
+
+
+def load(points: dict[str, nn.Module], state: dict) -> None:
+    """Restore the points' caches from `copy`'s form (`Handle.load_state_dict`), each on its point's device."""
+    if set(state) != set(points):
+        raise ValueError(f"cache has points {sorted(state)}, the model has {sorted(points)}")
+    for name, module in points.items():
+        signs, scale = state[name]["signs"], state[name]["scale"]
+        if signs is None:
+            clear(module._lwat)
+        else:
+            device = next(itertools.chain(module.parameters(), module.buffers()), signs).device
+            restore(module._lwat, signs, scale, layout_of(signs), device)
+
+
+def _new(cache: PointCache, shape: torch.Size, layout: torch.memory_format, device: torch.device) -> None:
+    cache.flat = torch.zeros(shape.numel(), dtype=torch.int8, device=device)
+    cache.signs, cache.layout = unflatten(cache.flat, shape, layout), layout
+    cache.made += 1
+    cache.scale = torch.zeros((), dtype=torch.float32, device=device)  # fp32 under any default dtype (bf16-true)
+    cache.handle._make_scalars(device)
+
+
+def layout_of(t: torch.Tensor) -> torch.memory_format:
+    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last and not t.is_contiguous() else torch.contiguous_format
+
+
+def unflatten(flat: torch.Tensor, shape: torch.Size, layout: torch.memory_format) -> torch.Tensor:
+    if layout == torch.channels_last:
+        n, c, h, w = shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(shape)
+
+
+# ---- Saved -----------------------------------------------------------------------------------------------
 
 
 def entry(cache: dict | None, **extra) -> dict:
@@ -85,4 +190,5 @@ def _to(cache: dict | None, device) -> dict | None:
             for point, values in cache.items()}
 
 
-__all__ = ["KEY", "entry", "pack", "rank_entry", "saved_world_size"]
+__all__ = ["KEY", "PointCache", "clear", "copy", "entry", "fit", "fits", "layout_of", "pack", "rank_entry", "load",
+           "restore", "saved_world_size", "unflatten"]

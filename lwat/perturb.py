@@ -8,38 +8,21 @@ accumulation layers G_c). In train mode, on batch t, each point's output a becom
 with eps_l = eps * (max(g) - min(g)) of that cached gradient g ("range", paper appendix) or eps_l = eps
 ("fixed"). Nothing is added to the first batch after `attach`; eval mode is untouched.
 
-How it is built: a point is the module itself with its class swapped for a subclass whose `forward` adds
-Eq. 6 (dynamo guards on a module's class, not on its hooks); its parameters, buffers and `state_dict()` keys are
-the plain model's. The cache is an int8 r_l (in the activation's memory format) and a 0-dim fp32 eps_l per
-point, plain attributes (not buffers: DDP neither broadcasts nor averages them, so each rank uses its own previous
-batch), made by the first training pass of each activation shape, then overwritten in place. Eq. 5 is the
-backward of an identity autograd Function, traced into the compiled backward under torch.compile. Code only for
-speed or for torch.compile is imported when used: lwat/_compile.py (sizing the cache before dynamo traces a pass),
-lwat/_fused.py (`kernels="fused"`), lwat/_inductor.py (`lwat.fusion_rule()`); figures in benchmarks/README.md.
-
-Rules (tests/test_perturb.py, tests/test_perturb_semantics.py): a smaller batch uses the first n rows of the
-cache and does not refresh it; another activation shape is not perturbed and starts the cache afresh (pad
-sequences to a fixed length). Passes inside `handle.paused()` neither perturb nor refresh. `copy.deepcopy` (so
-`AveragedModel`) copies the attached model with its own cache; pause it for `update_bn`, or its passes are
-perturbed and shift the BatchNorm statistics:
-
-    swa = torch.optim.swa_utils.AveragedModel(model)     # model attached, training under way
-    with lwat.handle_of(swa).paused():
-        torch.optim.swa_utils.update_bn(loader, swa)      # the statistics the plain model's update_bn gives
+A point is the module itself, its class swapped for a subclass whose `forward` adds Eq. 6 (lwat/_classes.py); Eq. 5
+is the backward of an identity autograd Function; the cache is lwat/cache.py's. Speed and torch.compile code is
+imported when used (lwat/_compile.py, _fused.py, _inductor.py). Rules for edge cases: docs/semantics.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import itertools
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
+
+from lwat import _classes, cache
 
 SCALES = ("range", "fixed")
 # How eager mode runs a BatchNorm point: torch's own ops, or its BatchNorm with Eq. 6 / Eq. 5 compiled together.
@@ -47,7 +30,10 @@ KERNELS = ("aten", "fused")
 DIRECTIONS = ("gradient", "random")  # "random": random signs, same eps_l (a control experiment)
 _CHOICES = {"scale": SCALES, "direction": DIRECTIONS, "kernels": KERNELS}
 _SETTINGS = ("eps", *_CHOICES)  # what a handle checks whenever it is set
-_RESHAPED_WARN = 10  # warn once at this many activation-shape changes (each costs the point an unperturbed batch)
+
+# Modules whose backward does not read their own output, so Eq. 6 may update it in place: torch's own forward only.
+_OUTPUT_NOT_SAVED = (nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd, nn.Linear)
+_FUSABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # kernels="fused": torch's own classes, no subclass
 
 PointSelector = list[str] | tuple | type | Callable[[str, nn.Module], bool] | None
 
@@ -65,17 +51,15 @@ def attach(model: nn.Module, eps: float, *, scale: str = "range", points: PointS
             `(name, module) -> bool`. Default: every BatchNorm; with none, every Conv and Linear but the last.
         depth: perturb only the first `depth` points (in `named_modules()` order), paper Table 6.
         direction: "gradient" (the method) or "random" (random signs with the same eps_l).
-        kernels: eager mode only. "aten" (default): torch's ops, no compiler needed. "fused": each train-mode
-            BatchNorm point (torch's BatchNorm1d/2d/3d, affine, with running statistics) runs its forward with
-            Eq. 6 and its backward with Eq. 5 as one torch.compile'd function each (lwat/_fused.py): faster,
-            compiled on the first steps, needs a C++ compiler on the CPU; equal within float rounding.
+        kernels: eager mode only. "aten" (default): torch's ops. "fused": a train-mode BatchNorm point (torch's,
+            affine, running statistics) runs Eq. 6 and Eq. 5 inside compiled BatchNorm kernels (lwat/_fused.py):
+            faster, needs a C++ compiler on the CPU, equal within float rounding.
 
     Returns:
         A `Handle`: `.points`, `.state_dict()`, `.load_state_dict()`, `.paused()`, `.reset()`, `.detach()`;
         `.eps`, `.scale`, `.direction` and `.kernels` may be changed later, checked as here.
     """
-    settings = {k: _setting(k, v) for k, v in (("eps", eps), ("scale", scale), ("direction", direction),
-                                               ("kernels", kernels))}
+    settings = {k: _setting(k, v) for k, v in dict(eps=eps, scale=scale, direction=direction, kernels=kernels).items()}
     modules = dict(model.named_modules())
     if any(isinstance(m, _Point) for m in modules.values()):
         raise ValueError("model already has perturbation points attached; detach() them first")
@@ -126,11 +110,8 @@ def default_points(model: nn.Module) -> list[str]:
 
 
 def select_points(model: nn.Module, points: PointSelector = None) -> list[str]:
-    """The module names, in `named_modules()` order, that `points` selects (see `attach`).
-
-    Raises:
-        ValueError: a name that is not in the model, a selector that matches nothing, or another type.
-    """
+    """The module names, in `named_modules()` order, that `points` selects (see `attach`). ValueError for a name
+    not in the model, a selector that matches nothing, or another type."""
     named = list(model.named_modules())[1:]  # the model itself is never a point
     if points is None:
         names, what = default_points(model), "the default (BatchNorm; else Conv and hidden Linear)"
@@ -155,17 +136,6 @@ def select_points(model: nn.Module, points: PointSelector = None) -> list[str]:
     return names
 
 
-@dataclass(eq=False)
-class _State:
-    handle: Handle
-    signs: torch.Tensor | None = None  # int8 r_l of the previous batch (Eq. 5), activation-shaped
-    flat: torch.Tensor | None = None  # the same bytes as one 1-D tensor
-    scale: torch.Tensor | None = None  # 0-dim fp32 eps_l (whatever the default dtype); 0 until the first backward
-    layout: torch.memory_format = torch.contiguous_format  # of signs (that of the activation)
-    reshaped: int = 0  # times a new activation shape (other than the batch size) replaced the cache
-    made: int = 0  # caches made for this point (new shape, load_state_dict, ...)
-
-
 # ---- Eq. 6: the forward pass of a point ------------------------------------------------------------
 
 class _Point(nn.Module):
@@ -180,10 +150,11 @@ class _Point(nn.Module):
                 return _fused.batch_norm(self, state, args[0])
         out = super().forward(*args, **kwargs)
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"lwat: a perturbation point must return one tensor; {type(self).__name__.removeprefix('Perturbed')} returns "
-                            f"{type(out).__name__} (choose the module that makes the activation to perturb)")
+            name = type(self).__name__.removeprefix("Perturbed")
+            raise TypeError(f"lwat: a perturbation point must return one tensor; {name} "
+                            f"returns {type(out).__name__} (choose the module that makes the activation to perturb)")
         if handle._sizing:  # lwat/_compile.py runs the model on the meta device to learn each point's shape
-            _fit_cache(state, out, handle._sizing, torch.channels_last if out.dim() == 4 else torch.contiguous_format)
+            cache.fit(state, out, handle._sizing, torch.channels_last if out.dim() == 4 else torch.contiguous_format)
             return out
         if not (self.training or handle.in_eval) or not (handle.perturb or handle.capture):
             return out
@@ -191,14 +162,14 @@ class _Point(nn.Module):
         # A point after frozen layers (nothing before it needs a gradient) still needs its own for Eq. 5 (eager).
         frozen = not out.requires_grad and handle.capture and torch.is_grad_enabled() and not compiling
         capture = handle.capture and (out.requires_grad or frozen)
-        if not _fits(state.signs, out.shape, out.device):  # no cache of this shape: unperturbed, new if captured
+        if not cache.fits(state.signs, out.shape, out.device):  # no cache of this shape: unperturbed, new if captured
             if not capture:
                 return out
             if compiling:
                 from lwat import _compile  # a graph break: the sizing pass did not foresee this shape
-                _compile.fit_cache(state, out, out.device, _layout(out))
+                _compile.fit_cache(state, out, out.device, cache.layout_of(out))
             else:
-                _fit_cache(state, out, out.device, _layout(out))
+                cache.fit(state, out, out.device, cache.layout_of(out))
         n, in_place = out.shape[0], self._lwat_in_place
         full = n == state.signs.shape[0]
         if handle.perturb:  # a smaller batch uses the first n rows of the signs
@@ -219,8 +190,7 @@ class _Point(nn.Module):
 
 
 class _Attached(nn.Module):
-    """Mixin placed in front of the attached model's own class: under torch.compile, the cache is sized for
-    these inputs before the model's code is traced (lwat/_compile.py); eager, it adds nothing."""
+    """Mixin in front of the attached model's class: compiled, it sizes the cache first (lwat/_compile.py)."""
 
     def forward(self, *args, **kwargs):
         handle = self._lwat_handle
@@ -231,88 +201,6 @@ class _Attached(nn.Module):
                 from lwat import _compile
                 _compile.size_cache(handle, self, args, kwargs, shapes)
         return super().forward(*args, **kwargs)
-
-
-# Modules whose backward does not read their own output, so Eq. 6 may update it in place: torch's own forward only.
-_OUTPUT_NOT_SAVED = (nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd, nn.Linear)
-_FUSABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)  # kernels="fused": torch's own classes, no subclass
-
-
-@functools.cache
-def _point_class(cls: type) -> type:
-    # One subclass per module class, reused, so compiled graphs are shared between instances.
-    in_place = issubclass(cls, _OUTPUT_NOT_SAVED) and cls.forward.__module__.startswith("torch.nn.modules.")
-    return type(f"Perturbed{cls.__name__}", (_Point, cls),
-                {"__module__": cls.__module__, "_lwat_in_place": in_place, "_lwat_batch_norm": cls in _FUSABLE})
-
-
-@functools.cache
-def _attached_class(cls: type) -> type:
-    # Under the same name, so frameworks that record a model's class name see it.
-    return type(cls.__name__, (_Attached, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
-
-
-@functools.cache
-def _unwrapped(cls: type, attached: type, plain: type) -> type:
-    # `cls` without a class attach made. A wrapper that subclassed it after attach (FSDP2's fully_shard) keeps
-    # wrapping, around the plain class; any other change of class is refused.
-    if cls is attached:
-        return plain
-    if attached not in cls.__bases__:
-        raise RuntimeError(f"cannot detach: {cls.__name__} replaced the class attach made ({attached.__name__}); "
-                           "detach before changing a point's class")
-    body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-    return type(cls.__name__.replace(attached.__name__, plain.__name__),
-                tuple(plain if b is attached else b for b in cls.__bases__), body)
-
-
-# ---- The cache --------------------------------------------------------------------------------------
-
-def _fits(signs: torch.Tensor | None, shape: torch.Size, device: torch.device) -> bool:
-    # The cache serves an output of this shape: same shape but perhaps fewer rows, same device.
-    return signs is not None and signs.shape[1:] == shape[1:] and shape[0] <= signs.shape[0] and signs.device == device
-
-
-def _fit_cache(state: _State, out: torch.Tensor, device: torch.device, layout: torch.memory_format) -> None:
-    # A new cache (eps_l = 0) for an output of this shape, unless the current one serves it; sizing for
-    # torch.compile may also ask for another layout of the same values.
-    if not _fits(state.signs, out.shape, device):
-        if state.signs is not None and state.signs.shape[1:] != out.shape[1:]:
-            state.reshaped += 1
-            if state.reshaped == _RESHAPED_WARN:
-                warnings.warn(f"lwat: a point's activation shape changed {state.reshaped} times ({tuple(out.shape)} "
-                              "now): a batch whose activations differ in shape from the previous batch's is not "
-                              "perturbed (dynamic padding of sequences does this every batch); pad to a fixed "
-                              "length", stacklevel=2)
-        _new_cache(state, out.shape, layout, device)
-    elif state.layout != layout:
-        _copy_cache(state, state.signs, state.scale, layout, device)
-
-
-def _new_cache(state: _State, shape: torch.Size, layout: torch.memory_format, device: torch.device) -> None:
-    state.flat = torch.zeros(shape.numel(), dtype=torch.int8, device=device)
-    state.signs, state.layout = _unflatten(state.flat, shape, layout), layout
-    state.made += 1
-    state.scale = torch.zeros((), dtype=torch.float32, device=device)  # fp32 under any default dtype (bf16-true)
-    state.handle._make_scalars(device)
-
-
-def _copy_cache(state: _State, signs, scale, layout: torch.memory_format, device: torch.device) -> None:
-    _new_cache(state, signs.shape, layout, device)
-    state.signs.copy_(signs)
-    state.scale.copy_(scale)
-
-
-def _layout(t: torch.Tensor) -> torch.memory_format:
-    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last and not t.is_contiguous() else torch.contiguous_format
-
-
-def _unflatten(flat: torch.Tensor, shape: torch.Size, layout: torch.memory_format) -> torch.Tensor:
-    if layout == torch.channels_last:
-        n, c, h, w = shape
-        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
-    return flat.view(shape)
 
 
 # ---- Eq. 5: the backward pass of a point ------------------------------------------------------------
@@ -328,16 +216,15 @@ class _Eq5(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        cache = _eager_cache(ctx.state, ctx.made)  # the cache as it is when the backward runs
-        if cache is not None:
+        target = _eager_cache(ctx.state, ctx.made)  # the cache as it is when the backward runs
+        if target is not None:
             with torch.no_grad():
-                cache[0].copy_(_cache_gradient(g, *cache, *ctx.kind))  # fp32 sign() stored as int8
+                target[0].copy_(_cache_gradient(g, *target, *ctx.kind))  # fp32 sign() stored as int8
         return g, None
 
 
-def _eager_cache(state: _State, made: int):
-    # The cache an eager backward writes (as it is when the backward runs), or None where another cache was made
-    # since its forward (reset, load_state_dict, a new shape): that gradient's signs belong to no cache.
+def _eager_cache(state: cache.PointCache, made: int):
+    # The cache as it is when an eager backward runs; None where another was made since its forward (reset, new shape).
     if state.made != made or state.signs is None:
         return None
     grad_scale = state.handle.grad_scale  # the loss scale set for this backward, None without a GradScaler
@@ -346,8 +233,7 @@ def _eager_cache(state: _State, made: int):
 
 def _cache_gradient(g, signs, scale, eps, grad_scale, guard, scale_kind, direction, lo_hi_ordered=None):
     # Eq. 5 with g = dJ/da: eps_l written over the cache's scale in place; r_l = sign(g) returned to be stored.
-    # A channels-last g's range is read as one 1-D tensor in memory order (faster, benchmarks/README.md).
-    flat = g.permute(0, 2, 3, 1).reshape(-1) if _layout(g) == torch.channels_last else g
+    flat = g.permute(0, 2, 3, 1).reshape(-1) if cache.layout_of(g) == torch.channels_last else g  # memory order
     lo, hi, ordered = lo_hi_ordered or (*torch.aminmax(flat), None)
     if direction == "random":
         new_signs = torch.randint_like(signs, 0, 2).mul_(2).sub_(1)
@@ -379,107 +265,85 @@ class Handle:
 
     `eps`, `scale`, `direction` and `kernels` may be changed between steps (`handle.eps = 20`); a value `attach`
     would refuse is refused here too. Eq. 5 reads eps when the backward runs, eager and compiled alike.
+    `grad_scale`: with a GradScaler, its loss scale as a tensor (`scaler.scale(torch.ones(()))`), set before each
+    backward, so that eps_l comes from the unscaled gradient; None (default) without one.
     """
 
     def __setattr__(self, name, value):
         super().__setattr__(name, _setting(name, value) if name in _SETTINGS else value)
-        if name == "eps" and getattr(self, "_eps", None) is not None:
-            self._eps.data.fill_(self.eps)  # in place, through .data: a compiled graph reads it when it runs
+        # A compiled graph reads eps and the loss scale as 0-dim tensors when it runs: updated in place, via .data.
+        if name == "eps" and vars(self).get("_eps") is not None:
+            self._eps.data.fill_(self.eps)
+        if name == "grad_scale" and vars(self).get("_loss_scale") is not None:
+            self._loss_scale.data.copy_(1.0 if value is None else value)
 
     def __init__(self, model, named_modules, eps, scale, direction, kernels):
         self.eps, self.scale, self.direction, self.kernels = eps, scale, direction, kernels
         self.points = [n for n, _ in named_modules]
-        self._grad_scale = None  # see grad_scale
-        self._loss_scale = self._eps = None  # grad_scale and eps as 0-dim fp32 tensors, read by compiled graphs
+        self._loss_scale = self._eps = None  # grad_scale and eps as 0-dim fp32 tensors, for compiled graphs
+        self.grad_scale = None  # a GradScaler's loss scale (see the class docstring)
         self.perturb = True  # add eps_l * r_l in this pass
         self.capture = True  # refresh the cache from this pass's gradient
         self.in_eval = False  # also act in eval mode (test-time attack, paper Section 3.3)
-        self._sizing = None  # a device while lwat/_compile.py sizes the cache (meta pass)
-        self._sized_for = None  # the input shapes the cache was last sized for under torch.compile
-        self._modules = dict(named_modules)
+        self._sizing = self._sized_for = None  # lwat/_compile.py's: its meta pass's device, the shapes it sized for
+        self._modules, self._model = dict(named_modules), model
         for module in self._modules.values():
-            module._lwat = _State(self)
-            module.__class__ = _point_class(type(module))
-        self._model, self._model_class = model, type(model)
-        model._lwat_handle = self
-        model.__class__ = self._model_attached = _attached_class(type(model))
-
-    @property
-    def grad_scale(self) -> torch.Tensor | None:
-        """A GradScaler's loss scale as a tensor (`scaler.scale(torch.ones(()))`), set before each backward, so
-        eps_l comes from the unscaled gradient; None (default) without a scaler."""
-        return self._grad_scale
-
-    @grad_scale.setter
-    def grad_scale(self, value: torch.Tensor | None) -> None:
-        self._grad_scale = value
-        if self._loss_scale is not None:  # in place through .data: no autograd version counter moves
-            self._loss_scale.data.copy_(1.0 if value is None else value)
+            cls = type(module)
+            in_place = issubclass(cls, _OUTPUT_NOT_SAVED) and cls.forward.__module__.startswith("torch.nn.modules.")
+            module._lwat = cache.PointCache(self)
+            module.__class__ = _classes.subclass(cls, _Point, f"Perturbed{cls.__name__}", _lwat_in_place=in_place,
+                                                 _lwat_batch_norm=cls in _FUSABLE)
+        model._lwat_handle = self  # the model's class keeps its name: frameworks that record it see the same
+        model.__class__ = _classes.subclass(type(model), _Attached, type(model).__name__,
+                                            __qualname__=type(model).__qualname__)
 
     def _make_scalars(self, device: torch.device) -> None:
         if self._loss_scale is None or self._loss_scale.device != device:
             self._loss_scale = torch.ones((), dtype=torch.float32, device=device)
-            if self._grad_scale is not None:
-                self._loss_scale.copy_(self._grad_scale)
+            if self.grad_scale is not None:
+                self._loss_scale.copy_(self.grad_scale)
             self._eps = torch.tensor(self.eps, dtype=torch.float32, device=device)
 
     def detach(self) -> None:
         """Remove every point: the model is exactly the plain model again."""
         if not self._modules:
             return
-        # Every plain class first, so a refusal changes nothing.
-        points = {m: next(c for c in type(m).__mro__ if c.__bases__[:1] == (_Point,)) for m in self._modules.values()}
-        plain = {m: _unwrapped(type(m), p, p.__bases__[1]) for m, p in points.items()}
-        plain[self._model] = _unwrapped(type(self._model), self._model_attached, self._model_class)
-        for module, cls in plain.items():
-            module.__class__ = cls
+        _classes.restore({**dict.fromkeys(self._modules.values(), _Point), self._model: _Attached})
         del self._model._lwat_handle
         for module in self._modules.values():
             del module._lwat
         self._modules = {}
 
-    @contextlib.contextmanager
     def paused(self, capture: bool = False):
         """Passes inside add no perturbation and leave the cache alone (a joint loss's clean pass, update_bn);
         capture=True still records their gradients as the next cache (FGS-inter's clean pass)."""
-        saved = self.perturb, self.capture
-        self.perturb, self.capture = False, capture
-        try:
-            yield self
-        finally:
-            self.perturb, self.capture = saved
+        return self._switched(perturb=False, capture=capture)
 
-    @contextlib.contextmanager
     def evaluating(self):
         """Perturb and capture in eval mode too: the previous-batch test-time attack (Section 3.3)."""
-        saved, self.in_eval = self.in_eval, True
+        return self._switched(in_eval=True)
+
+    @contextlib.contextmanager
+    def _switched(self, **switches):
+        saved = {k: getattr(self, k) for k in switches}
+        vars(self).update(switches)
         try:
             yield self
         finally:
-            self.in_eval = saved
+            vars(self).update(saved)
 
     def reset(self) -> None:
         """Forget the cache: the next pass is unperturbed, like the first batch after attach."""
         for module in self._modules.values():
-            module._lwat.signs = module._lwat.flat = module._lwat.scale = None
+            cache.clear(module._lwat)
         self._sized_for = None
 
     def state_dict(self) -> dict:
         """A copy of the cache: {point name: {"signs": int8 tensor, "scale": 0-dim fp32 tensor}}, both None for a
         point that has not run a training pass yet."""
-        def copy(t):
-            return None if t is None else t.clone(memory_format=torch.preserve_format)
-        return {n: {"signs": copy(m._lwat.signs), "scale": copy(m._lwat.scale)} for n, m in self._modules.items()}
+        return cache.copy(self._modules)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a cache saved by `state_dict()`; the next train pass is perturbed with it."""
-        if set(state) != set(self._modules):
-            raise ValueError(f"cache has points {sorted(state)}, the model has {sorted(self._modules)}")
-        for name, module in self._modules.items():
-            signs, scale, cache = state[name]["signs"], state[name]["scale"], module._lwat
-            if signs is None:
-                cache.signs = cache.flat = cache.scale = None
-                continue
-            device = next(itertools.chain(module.parameters(), module.buffers()), signs).device  # the point's
-            _copy_cache(cache, signs, scale, _layout(signs), device)
+        cache.load(self._modules, state)
         self._sized_for = None
