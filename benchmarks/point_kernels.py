@@ -127,7 +127,7 @@ def _eq5_fused(g):
     return torch.sign(g).to(torch.int8), g.amin(), g.amax()
 
 
-def _eq5_fused_int32(g):  # the sign as lwat's compiled kernels make it (lwat/_compile.py)
+def _eq5_fused_int32(g):  # the sign as kernels="fused"'s BatchNorm backward makes it (lwat/_fused.py)
     return torch.sign(g).to(torch.int32).to(torch.int8), g.amin(), g.amax()
 
 

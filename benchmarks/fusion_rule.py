@@ -6,7 +6,7 @@ model and lat whose first step (where the forward and backward compile) ran insi
 Both sides of each pair are compiled the same way: compare lat with the baseline compiled as it was. Prints each
 contender's median step and its median and fastest step over the first baseline's.
 
-    python benchmarks/compile_options.py --rounds 40 --threads 2
+    python benchmarks/fusion_rule.py --rounds 40 --threads 2
 """
 
 from __future__ import annotations
