@@ -66,10 +66,9 @@ FILE_MARKERS = {
     "test_integrations_huggingface.py": {"integrations"},
     "test_integrations_lightning.py": {"integrations"},
 }
-# torch.compile runs where a test's name or a parameter says so (kernels "compiled" or "fused", compiled=True) ...
+# torch.compile runs where a test's name or a parameter says so (kernels="fused", compiled=True) ...
 COMPILES = re.compile(r"(^|_)(compiled?|fused)(_|$)")
-# ... and in these, which do not say so by name; not in these, where a failure replaces it.
-ALSO_COMPILES = {"test_benchmark_row_against_hand_counts"}  # its row is eager-kernels mode: kernels="compiled"
+# ... but not in these, where a failure replaces it.
 NEVER_COMPILES = {"test_kernels_that_cannot_compile_are_one_line_exit_2"}
 # Eager tests of which one case took 0.5 s or more (trainings, reproductions, other processes, importing a package
 # that only they use): `--durations` on this project's 2-core VM under load 3-6, 2026-12-07. A new test that takes
@@ -110,7 +109,7 @@ SLOW = {
                        "test_resume_after_an_epochs_last_step_warns_nothing",
                        "test_resume_with_both_checkpoints_damaged_is_one_line_exit_2",
                        "test_run_files_are_readable_by_others"},
-    "test_scale.py": {"test_amp_training_resumes_bit_exact", "test_eager_kernels_benchmark_races_the_method"},
+    "test_scale.py": {"test_amp_training_resumes_bit_exact"},
     "test_sweep.py": {"test_a_killed_run_is_resumed_and_ends_as_an_uninterrupted_one",
                       "test_an_interrupted_training_stops_the_sweep",
                       "test_choice_is_by_mean_validation_accuracy_never_test",
@@ -129,7 +128,7 @@ def compiles(item) -> bool:
         return False
     params = getattr(item, "callspec", None)
     params = params.params if params is not None else {}
-    return (bool(COMPILES.search(name)) or name in ALSO_COMPILES or params.get("compiled") is True
+    return (bool(COMPILES.search(name)) or params.get("compiled") is True
             or any(isinstance(v, str) and v in ("compiled", "fused") for v in params.values()))
 
 
