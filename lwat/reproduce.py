@@ -392,20 +392,21 @@ def write_report(out, scale: str, *, targets=(), seeds: int | None = None, data:
     out = Path(out)
     data = resolve_data(scale) if data is None else data
     index = index_runs(out / "runs")
-    sections, used = [], {}
+    sections, used, needed = [], {}, set()
     for name, preset in PRESETS.items():
         plan = preset.plan(scale, seeds if name in targets else None, data, device)
         res = collect(plan, out, index)
         found = [r for runs in res.runs.values() for r in runs if r.dir is not None]
         if name not in targets and (not found or preset.study or any(PRESETS[t].study for t in targets)):
             continue
+        needed |= {t.config.dataset for t in plan.trainings}
         if preset.draw is not None:
             preset.draw(res, out)
         sections += report.section(preset, res)
         for r in found:
             if r.finished:
                 used[r.dir] = r
-    lines = report.header(scale, list(used.values()), data, command)
+    lines = report.header(scale, list(used.values()), data, needed, command)
     path = out / REPORT
     out.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines + sections).rstrip() + "\n")

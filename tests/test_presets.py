@@ -492,3 +492,15 @@ def test_eps_spread_compares_seed_0_of_every_eps():
     assert f"- spread of lat's accuracy over eps 5, 10, 20, 30, seed 0 of each: " \
            f"{max(seed0.values()) - min(seed0.values()):.2f} points" in lines
     assert f"lat at its best eps ({best:g}, by seed 0) beats fgsm" in lines
+
+
+def test_report_header_names_only_the_data_its_presets_use():
+    """Reporting without data (the committed runs only): the data line names the data set the runs used once, says
+    that nothing trains, and leaves out a data set no reported preset needs (the study uses CIFAR-10 alone)."""
+    from lwat.paper import report
+    from lwat.presets import resolve_data
+    data = resolve_data("cpu")  # nothing given
+    line = next(x for x in report.header("cpu", [], data, {"cifar10"}, None) if x.startswith("- Data:"))
+    assert "CIFAR-100" not in line and line.count("CIFAR-10") == 1 and "trains nothing" in line, line
+    line = next(x for x in report.header("cpu", [], data, {"cifar10", "cifar100"}, None) if x.startswith("- Data:"))
+    assert "CIFAR-10 and CIFAR-100 not given" in line, line

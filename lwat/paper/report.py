@@ -27,13 +27,15 @@ def hardware(runs) -> str:
     return "; ".join(f"{what}: {n} run{'s' * (n != 1)}" for what, n in counts.items()) or "no run finished"
 
 
-def header(scale: str, runs: list, data: dict, command: str | None) -> list[str]:
-    """The report's first lines: scale, command, data, finished runs, their wall time and machines."""
+def header(scale: str, runs: list, data: dict, needed: set, command: str | None) -> list[str]:
+    """The report's first lines: scale, command, data (of the data sets in `needed`), finished runs, their wall time
+    and machines."""
     labels = sorted({data_label(r.config.dataset, r.config.data_dir) for r in runs})
-    missing = [f"{s.label.split(' (')[0]} not given: only finished runs found under runs/ are reported"
-               for s in data.values() if not s.available]
+    missing = [s.label.split(" (")[0] for k, s in data.items() if k in needed and not s.available]
+    note = (f" ({' and '.join(missing)} not given to this command: it reports the finished runs under runs/ and "
+            "trains nothing)") if missing else ""
     lines = [TITLE, "", f"- Scale: **{scale}**: {SCALES[scale]}."] + ([f"- Command: `{command}`"] if command else [])
-    lines += [f"- Data: {'; '.join(labels + missing) or 'no run finished yet'}",
+    lines += [f"- Data: {'; '.join(labels) or 'no run finished yet'}{note}",
               f"- Finished trainings: {len(runs)}; wall time summed from their logs: {hours(train_seconds(runs))}",
               f"- Hardware: {hardware(runs)}",
               "- Our numbers are mean ± sample std over seeds (n = seeds); the paper's are copied from its text. "

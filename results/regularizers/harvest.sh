@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Harvest the regularizers study (see run_study.sh): every 2 minutes while a worker lives, evaluate each finished run
-# (clean + FGSM at the study's eps), copy its small files into main's results/regularizers/runs/ and commit them.
+# (clean + FGSM at the eps below: the study's table's and 0.04), copy its small files into main's
+# results/regularizers/runs/ and commit them; a run evaluated before an eps was added is evaluated at it and
+# committed again.
 #   bash results/regularizers/harvest.sh MAIN TREE COMMIT      (run_study.sh starts it)
 set -uo pipefail
 main=$1 tree=$2 commit=$3
+eps="0 0.005 0.02 0.04"
 py="$main/.venv/bin/python"
 cd "$tree"
 export PYTHONPATH="$tree" OMP_NUM_THREADS=1
@@ -11,9 +14,13 @@ while pgrep -f "^$py -m lwat reproduce regularizers" > /dev/null; do
   for run in results/regularizers/runs/*/; do
     name=$(basename "$run")
     [ -f "$run/metrics.json" ] || continue
-    [ -f "$run/eval.json" ] || nice -n 10 "$py" -m lwat eval "$run" --eps 0 0.02 0.04 --device cpu > /dev/null 2>&1 || continue
+    missing=$("$py" -c "import json, sys; a = json.load(open(sys.argv[1])).get('accuracy', {})
+print(' '.join(e for e in sys.argv[2:] if e not in a))" "$run/eval.json" $eps 2>/dev/null || echo "$eps")
+    if [ -n "$missing" ]; then
+      nice -n 10 "$py" -m lwat eval "$run" --eps $missing --device cpu > /dev/null 2>&1 || continue
+    fi
     dest="$main/results/regularizers/runs/$name"
-    [ -f "$dest/eval.json" ] && continue
+    [ -f "$dest/eval.json" ] && cmp -s "$run/eval.json" "$dest/eval.json" && continue
     mkdir -p "$dest"
     cp "$run"/{config,host,metrics,eval}.json "$run/log.jsonl" "$dest/"
     (cd "$main" && git add "results/regularizers/runs/$name" &&
