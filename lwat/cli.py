@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -20,6 +21,20 @@ from lwat.data import DataError
 # The experiments extra's packages: import name -> the name pip installs.
 EXPERIMENTS = {"tqdm": "tqdm", "PIL": "pillow", "sklearn": "scikit-learn", "scipy": "scipy",
                "matplotlib": "matplotlib", "pytorch_optimizer": "pytorch-optimizer"}
+CORE_COMMANDS = {"presets"}  # run without the extra: listing the presets reads lwat/paper/ alone
+
+
+def missing_experiments() -> list[str]:
+    """The pip names of the experiments extra's packages that are not installed."""
+    return [package for name, package in EXPERIMENTS.items() if importlib.util.find_spec(name) is None]
+
+
+def needs_extra(command: str, packages: list[str]) -> int:
+    """The one line (on stderr) and exit 2 of a command whose packages are missing."""
+    verb = "is" if len(packages) == 1 else "are"
+    print(f'lwat: error: {command} needs the experiment platform\'s packages ({", ".join(packages)} {verb} not '
+          f'installed): pip install "lwat[experiments]"', file=sys.stderr)
+    return 2
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -256,15 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         args = make_parser().parse_args(argv)
+        missing = [] if args.command in CORE_COMMANDS else missing_experiments()
+        if missing:  # before the command starts anything (a run directory, a download)
+            return needs_extra(f"lwat {args.command}", missing)
         return run_command(args)
     except ModuleNotFoundError as e:  # a core install (torch alone): one line, no traceback
         package = EXPERIMENTS.get((e.name or "").partition(".")[0])
         if package is None:
             raise
-        command = f"lwat {args.command}" if args is not None else "this command"
-        print(f'lwat: error: {command} needs the experiment platform\'s packages ({package} is not installed): '
-              f'pip install "lwat[experiments]"', file=sys.stderr)
-        return 2
+        return needs_extra(f"lwat {args.command}" if args is not None else "this command", [package])
 
 
 def run_command(args: argparse.Namespace) -> int:

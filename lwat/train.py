@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from lwat import cache, rundir
 from lwat.config import ConfigError, TrainConfig, resolve_device
@@ -267,6 +266,8 @@ def _train_epoch(t: _Training, out: Path, pos: _Position, stop: threading.Event,
                  stop_after_steps: int | None) -> bool:
     # Steps from pos.batch to the end of epoch pos.epoch, counted into pos; False when stopped before its end (a
     # signal on any rank, or stop_after_steps), True when the epoch is done.
+    from tqdm import tqdm  # the experiments extra's: imported here, so that `lwat presets` runs without it
+
     t.step.model.train()
     bar = tqdm(total=len(t.loader), initial=pos.batch, desc=f"epoch {pos.epoch + 1}/{t.cfg.epochs}",
                disable=mode != "bar", leave=False, dynamic_ncols=True)

@@ -130,3 +130,19 @@ def test_the_command_without_the_extra_in_a_fresh_interpreter(tmp_path):
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     assert proc.stderr.count("\n") == 1 and 'pip install "lwat[experiments]"' in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_presets_and_help_need_no_extra():
+    """Listing the presets reads lwat/paper/ alone (torch and the standard library): it runs where the extra is not
+    installed, as the help does; the commands that need the extra still refuse in one line."""
+    run = WITHOUT_EXTRA + "import runpy\nsys.argv = ['lwat', *{argv!r}]\nrunpy.run_module('lwat', run_name='__main__')"
+    proc = fresh_python(run.format(argv=["presets"]))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.splitlines()[0].split()[:4] == ["preset", "smoke", "cpu", "paper"], proc.stdout
+    assert "table4" in proc.stdout and "regularizers" in proc.stdout, proc.stdout
+    proc = fresh_python(run.format(argv=["--help"]))
+    assert proc.returncode == 0 and "presets" in proc.stdout, proc.stderr
+    for argv in (["eval", "runs/none"], ["demo"], ["reproduce", "table4"], ["analyze", "curves", "runs/none"]):
+        proc = fresh_python(run.format(argv=argv))
+        assert proc.returncode == 2 and proc.stdout == "", (argv, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and 'pip install "lwat[experiments]"' in proc.stderr, (argv, proc.stderr)
