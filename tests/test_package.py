@@ -146,3 +146,15 @@ def test_presets_and_help_need_no_extra():
         proc = fresh_python(run.format(argv=argv))
         assert proc.returncode == 2 and proc.stdout == "", (argv, proc.stderr)
         assert proc.stderr.count("\n") == 1 and 'pip install "lwat[experiments]"' in proc.stderr, (argv, proc.stderr)
+
+
+def test_readme_loop_example_runs_as_copied_where_the_extra_is_not_installed():
+    """The README's first code block, pasted into a file by a user with the core install: it runs and perturbs."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Use it in your own training loop"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")]
+    proc = fresh_python(WITHOUT_EXTRA + "import torch; torch.set_num_threads(1)\n" + code
+                        + "print(sorted(lwat.handle_of(model).state_dict()))\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] != "[]", proc.stdout  # the backward pass left a cache
