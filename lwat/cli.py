@@ -7,6 +7,7 @@ whose packages (pyproject's `experiments` extra) are missing says how to install
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -274,7 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         missing = [] if args.command in CORE_COMMANDS else missing_experiments()
         if missing:  # before the command starts anything (a run directory, a download)
             return needs_extra(f"lwat {args.command}", missing)
-        return run_command(args)
+        code = run_command(args)
+        sys.stdout.flush()  # here, so that a reader gone away (below) is seen before the interpreter's exit
+        return code
+    except BrokenPipeError:  # stdout's reader stopped (lwat presets | head): stop quietly, as cat does
+        with contextlib.suppress(OSError, ValueError):  # and nothing more at exit, where the flush would fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE's status, what a shell shows for a writer whose reader left
     except ModuleNotFoundError as e:  # a core install (torch alone): one line, no traceback
         package = EXPERIMENTS.get((e.name or "").partition(".")[0])
         if package is None:
@@ -289,6 +296,8 @@ def run_command(args: argparse.Namespace) -> int:
 
     try:
         return args.func(args)
+    except BrokenPipeError:  # stdout's reader went away: `main` stops quietly
+        raise
     except (ConfigError, DataError, TrainingError, KernelsError, ValueError, OSError) as e:  # OSError: a bad path
         print(f"lwat: error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,11 @@
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -219,3 +223,14 @@ def test_analyze_every_analysis_on_tiny_runs(capsys, tmp_path):
     for limit in ("0", "-5"):  # 0 divided by zero; -5 took all but the last five images
         code, _, err = run(capsys, "analyze", "strength", base, "--limit", limit, "--device", "cpu")
         assert code == 2 and f"limit must be >= 1 (the first LIMIT test images), got {limit}" in err, err
+
+
+def test_output_piped_into_a_reader_that_stops_is_quiet():
+    """`lwat presets | head -3`: the reader goes away, and lwat stops without an error line (as cat does)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "lwat", "presets"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before lwat writes: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == "", err  # 128 + SIGPIPE, what a shell shows for `cat | head`
