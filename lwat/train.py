@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+import lwat
 from lwat import cache, rundir
 from lwat.config import ConfigError, TrainConfig, resolve_device
 from lwat.data import LOADERS, Loader
@@ -189,7 +190,7 @@ def _run(cfg, out, *, method, resume, progress, stop_after_steps, rank, world, d
         rundir.write_host(out, cfg)
     mode = ("bar" if sys.stderr.isatty() else "lines") if progress == "auto" else progress
     mode = mode if rank == 0 else "none"
-    with _stop_on_signals() as stop:
+    with _stop_on_signals() as stop, _compiling(cfg):
         while pos.epoch < cfg.epochs:
             if not _train_epoch(t, out, pos, stop, mode=mode, stop_after_steps=stop_after_steps):
                 _save_checkpoint(t, out, pos)
@@ -202,7 +203,15 @@ def _run(cfg, out, *, method, resume, progress, stop_after_steps, rank, world, d
                       flush=True)
             if _any_rank(stop.is_set(), world, device):
                 return {"status": "interrupted", "epoch": pos.epoch, "batch": 0, "run_dir": str(out)}
-    return _finish(t, out)
+        return _finish(t, out)
+
+
+def _compiling(cfg: TrainConfig):
+    # --compile is lwat's compiled path: inductor compiles the graphs on the first steps (the backward, which writes
+    # the cache, at the first backward; again for a new shape or the eval pass), so the whole training runs inside
+    # lwat.fusion_rule(), the same for every method so that runs compare like with like (what it changes for a plain
+    # model and for lat: benchmarks/README.md), and inductor's own rule is back when training returns.
+    return lwat.fusion_rule() if cfg.compile else contextlib.nullcontext()
 
 
 def _setup(cfg, method, rank, world, device) -> _Training:
