@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+import textwrap
 import typing
 from pathlib import Path
 
@@ -38,12 +39,30 @@ def needs_extra(command: str, packages: list[str]) -> int:
     return 2
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, but a line never breaks inside a hyphenated name (lat-joint, fgsm-inter)."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def registry_names() -> dict[str, str]:
+    """The names a registry field accepts, for its --help: every model, every method with what it is."""
+    from lwat.methods import METHODS
+    from lwat.models import list_models
+
+    return {"model": ", ".join(list_models()),
+            "method": ", ".join(f"{name} ({m.help})" for name, m in METHODS.items())}
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One --flag per TrainConfig field, with its help, unit and default (the dataclass is the one source)."""
     hints = typing.get_type_hints(TrainConfig)
+    names = registry_names()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help = f"{f.metadata['help']} (default: {f.default})"
+        known = f": {names[f.name]}" if f.name in names else ""
+        help = f"{f.metadata['help']}{known} (default: {f.default})"
         base = [h for h in typing.get_args(hints[f.name]) if h is not type(None)] or [hints[f.name]]
         if base[0] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
@@ -169,7 +188,7 @@ def make_parser() -> argparse.ArgumentParser:
                                      "(Sankaranarayanan et al., AAAI 2018).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one run (any method of the paper)",
+    p = sub.add_parser("train", help="train one run (any method of the paper)", formatter_class=HelpFormatter,
                        description="Train one run. Flags override values from --config FILE (JSON).")
     p.add_argument("--config", metavar="FILE", help="JSON file of config keys (the flags' names, with _)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/MODEL-METHOD-seedSEED)")
@@ -247,6 +266,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="choose eps on a held-out validation split: baseline and one run per eps",
                        conflict_handler="resolve",  # its --eps (a list) replaces the config's --eps
+                       formatter_class=HelpFormatter,
                        description="Train the baseline and one run of the (layerwise) method per eps on the "
                                    "training set minus a class-balanced validation split (--val-size), choose "
                                    "the eps with the highest mean final validation accuracy (test accuracy is "

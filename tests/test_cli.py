@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lwat.analysis import ANALYSES
-from lwat.cli import main, make_parser
+from lwat.cli import main, make_parser, registry_names
 from lwat.config import TrainConfig
 
 
@@ -28,9 +28,25 @@ def test_train_help_lists_every_config_field_with_default(capsys):
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         assert flag in text, flag
-        assert f"{f.metadata['help']} (default: {f.default})" in text, f.name
+        known = f": {registry_names()[f.name]}" if f.name in registry_names() else ""
+        assert f"{f.metadata['help']}{known} (default: {f.default})" in text, f.name
     for flag in ("--out", "--resume", "--config"):
         assert flag in text
+
+
+def test_train_help_names_every_model_and_method(capsys):
+    # --model and --method take a registry's names: the help lists them, so a user need not guess
+    from lwat.methods import METHODS
+    from lwat.models import MODELS
+
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    text = text[text.index("options:"):]  # not the usage lines
+    model_help = text[text.index("--model MODEL"):text.index("--width WIDTH")]
+    method_help = text[text.index("--method METHOD"):text.index("--dataset DATASET")]
+    assert all(name in model_help for name in MODELS), model_help
+    assert all(f"{name} ({m.help})" in method_help for name, m in METHODS.items()), method_help
 
 
 SMALL = ["--model", "mlp_tanh", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
