@@ -158,3 +158,14 @@ def test_readme_loop_example_runs_as_copied_where_the_extra_is_not_installed():
                         + "print(sorted(lwat.handle_of(model).state_dict()))\n")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] != "[]", proc.stdout  # the backward pass left a cache
+
+
+@pytest.mark.parametrize("extra,framework", [("lightning", "lightning"), ("huggingface", "transformers")])
+def test_an_integration_without_its_framework_names_its_extra(extra, framework):
+    # A core install that imports a callback: the error says which extra brings the framework
+    proc = fresh_python(f"import sys\nsys.modules[{framework!r}] = None\n"
+                        f"try:\n    import lwat.integrations.{extra}\n"
+                        f"except ModuleNotFoundError as e:\n    print(e.name, '|', e)\n")
+    assert proc.returncode == 0, proc.stderr
+    name, _, message = proc.stdout.strip().partition(" | ")
+    assert name.partition(".")[0] == framework and message.endswith(f'pip install "lwat[{extra}]"'), proc.stdout
