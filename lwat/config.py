@@ -118,6 +118,8 @@ class TrainConfig:
             raise ConfigError(f"mix_prob must be in [0, 1], got {self.mix_prob}")
         if self.mixup and self.cutmix:
             raise ConfigError("mixup and cutmix: choose one")
+        if self.mix_prob != 1 and not (self.mixup or self.cutmix):  # it would change nothing: say so
+            raise ConfigError("mix_prob needs mixup or cutmix (--mixup or --cutmix)")
         if self.sam_adaptive and not self.sam:
             raise ConfigError("sam_adaptive needs a SAM rho (--sam)")
         if self.sam and self.amp == "fp16":
