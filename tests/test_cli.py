@@ -146,6 +146,7 @@ def test_damaged_or_foreign_checkpoint_is_one_line_exit_2(damage, capsys, tmp_pa
     named = ckpt if damage == "cut" else target
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"lwat: error: {named}: not a readable lwat checkpoint"), err
+    assert "weights_only" not in err, err  # torch's advice to load without weights_only is not for an lwat user
 
 
 def test_demo_end_to_end(capsys, tmp_path):
