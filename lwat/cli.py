@@ -122,7 +122,11 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from lwat.demo import run_demo
 
-    table = run_demo(args.out, epochs=args.epochs, seeds=args.seeds, device=args.device)
+    try:
+        table = run_demo(args.out, epochs=args.epochs, seeds=args.seeds, device=args.device)
+    except KeyboardInterrupt:  # a training saved its checkpoint (or none had started): the same command resumes
+        print("interrupted: run the same command again to continue", file=sys.stderr)
+        return 130
     print(table)
     return 0
 

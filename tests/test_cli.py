@@ -252,3 +252,12 @@ def test_output_piped_into_a_reader_that_stops_is_quiet():
     proc.stdout.close()  # before lwat writes: every write meets a closed pipe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 141 and err == "", err  # 128 + SIGPIPE, what a shell shows for `cat | head`
+
+
+def test_interrupted_demo_says_how_to_continue(capsys, tmp_path, monkeypatch):
+    # Ctrl-C during a demo training: its checkpoint is kept and the same command resumes it, as reproduce and sweep say
+    import lwat.demo
+
+    monkeypatch.setattr(lwat.demo, "train", lambda cfg, run, resume: {"status": "interrupted"})
+    code, out, err = run(capsys, "demo", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path), "--device", "cpu")
+    assert code == 130 and out == "" and err == "interrupted: run the same command again to continue\n", err
