@@ -261,3 +261,15 @@ def test_interrupted_demo_says_how_to_continue(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(lwat.demo, "train", lambda cfg, run, resume: {"status": "interrupted"})
     code, out, err = run(capsys, "demo", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path), "--device", "cpu")
     assert code == 130 and out == "" and err == "interrupted: run the same command again to continue\n", err
+
+
+def test_demo_help_states_its_default_workload_and_no_unmeasured_time(capsys):
+    # The command list's line for demo says what the defaults train (no time that no run measured)
+    parser = make_parser()
+    demo = parser._subparsers._group_actions[0].choices["demo"]
+    seeds, epochs = demo.get_default("seeds"), demo.get_default("epochs")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    line = " ".join(capsys.readouterr().out.split())
+    line = line[line.index("demo "):line.index(" analyze ")]
+    assert f"{seeds} seeds" in line and f"{epochs} epochs" in line and "minute" not in line, line
