@@ -80,7 +80,7 @@ class TrainConfig:
     amp: str = _f("off", "mixed precision (autocast) of forward passes and losses: off, bf16, or fp16 with a "
                          "GradScaler; the perturbation always uses the unscaled gradient")
     compile: bool = _f(False, "torch.compile the model: lwat's cache update (Eq. 5) is traced into the compiled "
-                              "backward")
+                              "backward; the training runs inside lwat.fusion_rule()")
     kernels: str = _f("aten", "how eager mode runs a BatchNorm point: aten (torch's ops); or fused (its BatchNorm "
                               "with Eq. 6 / Eq. 5 as torch.compile'd kernels: faster, compiled on the first steps, "
                               "needs a C++ compiler on the CPU; equal within float rounding); no effect with --compile")

@@ -1,5 +1,6 @@
 """Tests of lwat.train: run directory, bit-exact resume after a mid-epoch stop, non-finite loss, signals."""
 
+import dataclasses
 import inspect
 import json
 import os
@@ -199,3 +200,5 @@ def test_compile_trains_inside_lwat_fusion_rule(compile, tmp_path, monkeypatch):
     monkeypatch.setattr(lwat_train, "_finish", recording("finish", lwat_train._finish))
     train(cfg_for("lat", "cpu", epochs=1, compile=compile), tmp_path / "run", progress="none")
     assert seen == ([("epoch", True), ("finish", True), "exited"] if compile else [("epoch", False), ("finish", False)])
+    help = next(f.metadata["help"] for f in dataclasses.fields(TrainConfig) if f.name == "compile")
+    assert "lwat.fusion_rule()" in help, help  # lwat train --help says so
