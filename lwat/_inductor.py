@@ -42,8 +42,10 @@ def fusion_rule():
                       "inductor's own rule", stacklevel=3)
         yield
         return
-    # The option keys inductor's caches (through uuid() below); the handler is what the scheduler asks.
-    with inductor_config.patch(inductor_choices_class=_FusionChoices), V.set_choices_handler(_FusionChoices()):
+    # The option keys inductor's caches (through uuid() below); the handler is what the scheduler asks. The handler
+    # first: set_choices_handler keeps the thread's handler to give back, and where the thread has none yet inductor
+    # makes it then from the option, which must still be inductor's own (else lwat's would be given back).
+    with V.set_choices_handler(_FusionChoices()), inductor_config.patch(inductor_choices_class=_FusionChoices):
         yield
 
 

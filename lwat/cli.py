@@ -7,10 +7,13 @@ whose packages (pyproject's `experiments` extra) are missing says how to install
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
+import textwrap
 import typing
 from pathlib import Path
 
@@ -20,14 +23,46 @@ from lwat.data import DataError
 # The experiments extra's packages: import name -> the name pip installs.
 EXPERIMENTS = {"tqdm": "tqdm", "PIL": "pillow", "sklearn": "scikit-learn", "scipy": "scipy",
                "matplotlib": "matplotlib", "pytorch_optimizer": "pytorch-optimizer"}
+CORE_COMMANDS = {"presets"}  # run without the extra: listing the presets reads lwat/paper/ alone
+
+
+def missing_experiments() -> list[str]:
+    """The pip names of the experiments extra's packages that are not installed."""
+    return [package for name, package in EXPERIMENTS.items() if importlib.util.find_spec(name) is None]
+
+
+def needs_extra(command: str, packages: list[str]) -> int:
+    """The one line (on stderr) and exit 2 of a command whose packages are missing."""
+    verb = "is" if len(packages) == 1 else "are"
+    print(f'lwat: error: {command} needs the experiment platform\'s packages ({", ".join(packages)} {verb} not '
+          f'installed): pip install "lwat[experiments]"', file=sys.stderr)
+    return 2
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, but a line never breaks inside a hyphenated name (lat-joint, fgsm-inter)."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def registry_names() -> dict[str, str]:
+    """The names a registry field accepts, for its --help: every model, every method with what it is."""
+    from lwat.methods import METHODS
+    from lwat.models import list_models
+
+    return {"model": ", ".join(list_models()),
+            "method": ", ".join(f"{name} ({m.help})" for name, m in METHODS.items())}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One --flag per TrainConfig field, with its help, unit and default (the dataclass is the one source)."""
     hints = typing.get_type_hints(TrainConfig)
+    names = registry_names()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help = f"{f.metadata['help']} (default: {f.default})"
+        known = f": {names[f.name]}" if f.name in names else ""
+        help = f"{f.metadata['help']}{known} (default: {f.default})"
         base = [h for h in typing.get_args(hints[f.name]) if h is not type(None)] or [hints[f.name]]
         if base[0] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
@@ -87,7 +122,11 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from lwat.demo import run_demo
 
-    table = run_demo(args.out, epochs=args.epochs, seeds=args.seeds, device=args.device)
+    try:
+        table = run_demo(args.out, epochs=args.epochs, seeds=args.seeds, device=args.device)
+    except KeyboardInterrupt:  # a training saved its checkpoint (or none had started): the same command resumes
+        print("interrupted: run the same command again to continue", file=sys.stderr)
+        return 130
     print(table)
     return 0
 
@@ -153,7 +192,7 @@ def make_parser() -> argparse.ArgumentParser:
                                      "(Sankaranarayanan et al., AAAI 2018).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one run (any method of the paper)",
+    p = sub.add_parser("train", help="train one run (any method of the paper)", formatter_class=HelpFormatter,
                        description="Train one run. Flags override values from --config FILE (JSON).")
     p.add_argument("--config", metavar="FILE", help="JSON file of config keys (the flags' names, with _)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/MODEL-METHOD-seedSEED)")
@@ -177,12 +216,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data location, if it moved since training (default: the run's)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="baseline vs lat on the embedded digits data (under a minute on 2 idle CPU cores)",
+    seeds, epochs = 5, 30
+    p = sub.add_parser("demo", help=f"baseline vs lat on scikit-learn's digits (8x8 images, the toy MLP): {seeds} "
+                                    f"seeds per method, {epochs} epochs each, by default",
                        description="Train baseline and lat on scikit-learn's digits, print a comparison "
                                    "table and write a PNG of the training curves.")
     p.add_argument("--out", default="runs/demo", help="where the runs and the plot go (default: runs/demo)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs per run (default: 30)")
-    p.add_argument("--seeds", type=int, default=5, help="runs per method (default: 5)")
+    p.add_argument("--epochs", type=int, default=epochs, help=f"epochs per run (default: {epochs})")
+    p.add_argument("--seeds", type=int, default=seeds, help=f"runs per method (default: {seeds})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
     p.set_defaults(func=cmd_demo)
 
@@ -231,6 +272,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="choose eps on a held-out validation split: baseline and one run per eps",
                        conflict_handler="resolve",  # its --eps (a list) replaces the config's --eps
+                       formatter_class=HelpFormatter,
                        description="Train the baseline and one run of the (layerwise) method per eps on the "
                                    "training set minus a class-balanced validation split (--val-size), choose "
                                    "the eps with the highest mean final validation accuracy (test accuracy is "
@@ -256,15 +298,21 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         args = make_parser().parse_args(argv)
-        return run_command(args)
+        missing = [] if args.command in CORE_COMMANDS else missing_experiments()
+        if missing:  # before the command starts anything (a run directory, a download)
+            return needs_extra(f"lwat {args.command}", missing)
+        code = run_command(args)
+        sys.stdout.flush()  # here, so that a reader gone away (below) is seen before the interpreter's exit
+        return code
+    except BrokenPipeError:  # stdout's reader stopped (lwat presets | head): stop quietly, as cat does
+        with contextlib.suppress(OSError, ValueError):  # and nothing more at exit, where the flush would fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE's status, what a shell shows for a writer whose reader left
     except ModuleNotFoundError as e:  # a core install (torch alone): one line, no traceback
         package = EXPERIMENTS.get((e.name or "").partition(".")[0])
         if package is None:
             raise
-        command = f"lwat {args.command}" if args is not None else "this command"
-        print(f'lwat: error: {command} needs the experiment platform\'s packages ({package} is not installed): '
-              f'pip install "lwat[experiments]"', file=sys.stderr)
-        return 2
+        return needs_extra(f"lwat {args.command}" if args is not None else "this command", [package])
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -274,6 +322,8 @@ def run_command(args: argparse.Namespace) -> int:
 
     try:
         return args.func(args)
+    except BrokenPipeError:  # stdout's reader went away: `main` stops quietly
+        raise
     except (ConfigError, DataError, TrainingError, KernelsError, ValueError, OSError) as e:  # OSError: a bad path
         print(f"lwat: error: {e}", file=sys.stderr)
         return 2

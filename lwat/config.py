@@ -80,7 +80,7 @@ class TrainConfig:
     amp: str = _f("off", "mixed precision (autocast) of forward passes and losses: off, bf16, or fp16 with a "
                          "GradScaler; the perturbation always uses the unscaled gradient")
     compile: bool = _f(False, "torch.compile the model: lwat's cache update (Eq. 5) is traced into the compiled "
-                              "backward")
+                              "backward; the training runs inside lwat.fusion_rule()")
     kernels: str = _f("aten", "how eager mode runs a BatchNorm point: aten (torch's ops); or fused (its BatchNorm "
                               "with Eq. 6 / Eq. 5 as torch.compile'd kernels: faster, compiled on the first steps, "
                               "needs a C++ compiler on the CPU; equal within float rounding); no effect with --compile")
@@ -118,6 +118,8 @@ class TrainConfig:
             raise ConfigError(f"mix_prob must be in [0, 1], got {self.mix_prob}")
         if self.mixup and self.cutmix:
             raise ConfigError("mixup and cutmix: choose one")
+        if self.mix_prob != 1 and not (self.mixup or self.cutmix):  # it would change nothing: say so
+            raise ConfigError("mix_prob needs mixup or cutmix (--mixup or --cutmix)")
         if self.sam_adaptive and not self.sam:
             raise ConfigError("sam_adaptive needs a SAM rho (--sam)")
         if self.sam and self.amp == "fp16":

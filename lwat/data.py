@@ -283,7 +283,8 @@ def _extract_tar(archive: Path, dest: Path, folder: str) -> None:
                     raise DataError(f"{archive}: refusing member {member.name!r} (links and devices not allowed)")
             _check_trailer(tar)
         if not (tmp / folder).is_dir():
-            raise DataError(f"{archive}: archive holds no {folder}/ folder")
+            raise DataError(f"{archive}: archive holds no {folder}/ folder (an archive of train|test/<class>/<image> "
+                            "files is the data set 'folder')")
         try:
             os.replace(tmp / folder, dest / folder)
         except OSError:
@@ -291,9 +292,16 @@ def _extract_tar(archive: Path, dest: Path, folder: str) -> None:
                 raise
             # another process (a DDP rank, a second run) extracted the same archive first: use its folder
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{archive}: corrupt or truncated archive ({type(e).__name__}: {e})") from None
+        raise _archive_error(archive, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _archive_error(path: Path, e: Exception) -> DataError:
+    # One line: tarfile's "r:*" lists every compression it tried, a line each, when none opens the file.
+    if isinstance(e, tarfile.ReadError) and str(e).startswith("file could not be opened"):
+        return DataError(f"{path}: not a tar archive (.tar, or compressed with gzip, bzip2 or xz)")
+    return DataError(f"{path}: corrupt or truncated archive ({type(e).__name__}: {' '.join(str(e).split())})")
 
 
 def _check_trailer(tar: tarfile.TarFile) -> None:
@@ -395,7 +403,7 @@ def _folder_members(path: Path):
                     yield member.name, f"{path}:{member.name}", tar.extractfile(member).read()
             _check_trailer(tar)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: corrupt or truncated archive ({type(e).__name__}: {e})") from None
+        raise _archive_error(path, e) from None
 
 
 def _decode_image(data: bytes, where: str) -> np.ndarray:

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -163,7 +164,9 @@ def read_checkpoint(path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no checkpoint there") from None
-    except Exception as e:  # a damaged file raises almost anything (OSError, RuntimeError, UnpicklingError, ...)
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: not for a file lwat did not write
+        raise ConfigError(f"{path}: not a readable lwat checkpoint (not a file that lwat train writes)") from None
+    except Exception as e:  # a damaged file raises almost anything (OSError, RuntimeError, EOFError, ...)
         raise ConfigError(f"{path}: not a readable lwat checkpoint ({_first_line(e)})") from None
     if not isinstance(ckpt, dict) or not _CHECKPOINT_KEYS <= set(ckpt):
         raise ConfigError(f"{path}: not an lwat checkpoint (it lacks {', '.join(sorted(_CHECKPOINT_KEYS))})")

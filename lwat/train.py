@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
+import lwat
 from lwat import cache, rundir
 from lwat.config import ConfigError, TrainConfig, resolve_device
 from lwat.data import LOADERS, Loader
@@ -190,7 +190,7 @@ def _run(cfg, out, *, method, resume, progress, stop_after_steps, rank, world, d
         rundir.write_host(out, cfg)
     mode = ("bar" if sys.stderr.isatty() else "lines") if progress == "auto" else progress
     mode = mode if rank == 0 else "none"
-    with _stop_on_signals() as stop:
+    with _stop_on_signals() as stop, _compiling(cfg):
         while pos.epoch < cfg.epochs:
             if not _train_epoch(t, out, pos, stop, mode=mode, stop_after_steps=stop_after_steps):
                 _save_checkpoint(t, out, pos)
@@ -203,7 +203,15 @@ def _run(cfg, out, *, method, resume, progress, stop_after_steps, rank, world, d
                       flush=True)
             if _any_rank(stop.is_set(), world, device):
                 return {"status": "interrupted", "epoch": pos.epoch, "batch": 0, "run_dir": str(out)}
-    return _finish(t, out)
+        return _finish(t, out)
+
+
+def _compiling(cfg: TrainConfig):
+    # --compile is lwat's compiled path: inductor compiles the graphs on the first steps (the backward, which writes
+    # the cache, at the first backward; again for a new shape or the eval pass), so the whole training runs inside
+    # lwat.fusion_rule(), the same for every method so that runs compare like with like (what it changes for a plain
+    # model and for lat: benchmarks/README.md), and inductor's own rule is back when training returns.
+    return lwat.fusion_rule() if cfg.compile else contextlib.nullcontext()
 
 
 def _setup(cfg, method, rank, world, device) -> _Training:
@@ -267,6 +275,8 @@ def _train_epoch(t: _Training, out: Path, pos: _Position, stop: threading.Event,
                  stop_after_steps: int | None) -> bool:
     # Steps from pos.batch to the end of epoch pos.epoch, counted into pos; False when stopped before its end (a
     # signal on any rank, or stop_after_steps), True when the epoch is done.
+    from tqdm import tqdm  # the experiments extra's: imported here, so that `lwat presets` runs without it
+
     t.step.model.train()
     bar = tqdm(total=len(t.loader), initial=pos.batch, desc=f"epoch {pos.epoch + 1}/{t.cfg.epochs}",
                disable=mode != "bar", leave=False, dynamic_ncols=True)

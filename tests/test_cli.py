@@ -2,12 +2,16 @@
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from lwat.analysis import ANALYSES
-from lwat.cli import main, make_parser
+from lwat.cli import main, make_parser, registry_names
 from lwat.config import TrainConfig
 
 
@@ -24,9 +28,25 @@ def test_train_help_lists_every_config_field_with_default(capsys):
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         assert flag in text, flag
-        assert f"{f.metadata['help']} (default: {f.default})" in text, f.name
+        known = f": {registry_names()[f.name]}" if f.name in registry_names() else ""
+        assert f"{f.metadata['help']}{known} (default: {f.default})" in text, f.name
     for flag in ("--out", "--resume", "--config"):
         assert flag in text
+
+
+def test_train_help_names_every_model_and_method(capsys):
+    # --model and --method take a registry's names: the help lists them, so a user need not guess
+    from lwat.methods import METHODS
+    from lwat.models import MODELS
+
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    text = text[text.index("options:"):]  # not the usage lines
+    model_help = text[text.index("--model MODEL"):text.index("--width WIDTH")]
+    method_help = text[text.index("--method METHOD"):text.index("--dataset DATASET")]
+    assert all(name in model_help for name in MODELS), model_help
+    assert all(f"{name} ({m.help})" in method_help for name, m in METHODS.items()), method_help
 
 
 SMALL = ["--model", "mlp_tanh", "--dataset", "synthetic", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
@@ -48,6 +68,7 @@ SMALL = ["--model", "mlp_tanh", "--dataset", "synthetic", "--epochs", "1", "--ba
     (["--method", "fgsm", "--sam", "0.05"], "sam: combines with the one-pass methods"),
     (["--sam", "0.05", "--amp", "fp16"], "sam: not with --amp fp16"),
     (["--sam-adaptive"], "sam_adaptive needs a SAM rho"),
+    (["--mix-prob", "0.5"], "mix_prob needs mixup or cutmix"),
     (["--label-smoothing", "1"], "label_smoothing and ema must be in [0, 1)"),
 ])
 def test_bad_train_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
@@ -125,6 +146,7 @@ def test_damaged_or_foreign_checkpoint_is_one_line_exit_2(damage, capsys, tmp_pa
     named = ckpt if damage == "cut" else target
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"lwat: error: {named}: not a readable lwat checkpoint"), err
+    assert "weights_only" not in err, err  # torch's advice to load without weights_only is not for an lwat user
 
 
 def test_demo_end_to_end(capsys, tmp_path):
@@ -219,3 +241,35 @@ def test_analyze_every_analysis_on_tiny_runs(capsys, tmp_path):
     for limit in ("0", "-5"):  # 0 divided by zero; -5 took all but the last five images
         code, _, err = run(capsys, "analyze", "strength", base, "--limit", limit, "--device", "cpu")
         assert code == 2 and f"limit must be >= 1 (the first LIMIT test images), got {limit}" in err, err
+
+
+def test_output_piped_into_a_reader_that_stops_is_quiet():
+    """`lwat presets | head -3`: the reader goes away, and lwat stops without an error line (as cat does)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "lwat", "presets"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before lwat writes: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == "", err  # 128 + SIGPIPE, what a shell shows for `cat | head`
+
+
+def test_interrupted_demo_says_how_to_continue(capsys, tmp_path, monkeypatch):
+    # Ctrl-C during a demo training: its checkpoint is kept and the same command resumes it, as reproduce and sweep say
+    import lwat.demo
+
+    monkeypatch.setattr(lwat.demo, "train", lambda cfg, run, resume: {"status": "interrupted"})
+    code, out, err = run(capsys, "demo", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path), "--device", "cpu")
+    assert code == 130 and out == "" and err == "interrupted: run the same command again to continue\n", err
+
+
+def test_demo_help_states_its_default_workload_and_no_unmeasured_time(capsys):
+    # The command list's line for demo says what the defaults train (no time that no run measured)
+    parser = make_parser()
+    demo = parser._subparsers._group_actions[0].choices["demo"]
+    seeds, epochs = demo.get_default("seeds"), demo.get_default("epochs")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    line = " ".join(capsys.readouterr().out.split())
+    line = line[line.index("demo "):line.index(" analyze ")]
+    assert f"{seeds} seeds" in line and f"{epochs} epochs" in line and "minute" not in line, line

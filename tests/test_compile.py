@@ -93,6 +93,16 @@ def test_import_lwat_loads_nothing_of_inductor_or_dynamo():
     assert out.strip() == "[]"
 
 
+def test_fusion_rule_leaves_inductor_s_own_rule_in_a_fresh_thread():
+    """The usual first use: nothing asked inductor for its heuristics before the block (a fresh process, or the
+    first compile of a thread). After the block the thread has inductor's own, not lwat's."""
+    code = ("import lwat\nfrom torch._inductor import config\nfrom torch._inductor.virtualized import V\n"
+            "with lwat.fusion_rule():\n    inside = type(V.choices).__name__\n"
+            "print(inside, type(V.choices).__name__, config.inductor_choices_class)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["_FusionChoices", "InductorChoices", "None"], out
+
+
 def test_fusion_rule_changes_inductor_only_inside_its_block():
     """lwat.fusion_rule() sets lwat's heuristics and option for its block and gives inductor's own back after it,
     also when the block raises."""

@@ -555,3 +555,22 @@ def test_loader_resume_mid_epoch(device):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     with pytest.raises(ValueError, match="start_batch 6 outside 0..5"):
         loader.iter_from(0, 6)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "folder"])
+def test_a_file_that_is_no_archive_is_one_line(name, tmp_path):
+    # tarfile's "r:*" lists each compression it tried on a line of its own; the user gets one line
+    path = tmp_path / "notes.tar.gz"
+    path.write_text("# my notes, not an archive\n")
+    with pytest.raises(DataError) as error:
+        load_dataset(name, path, cache_dir=tmp_path / "c")
+    assert "\n" not in str(error.value), str(error.value)
+    assert str(error.value).startswith(f"{path}: not a tar archive"), str(error.value)
+
+
+def test_an_image_archive_given_as_cifar_names_the_folder_data_set(tmp_path):
+    # the shared data's cifar10-jpeg.tar.gz passed as --dataset cifar10: say which data set reads it
+    write_image_tree(tmp_path / "jpeg")
+    archive = make_tar(tmp_path / "jpeg", tmp_path / "cifar10-jpeg.tar.gz", "top")
+    with pytest.raises(DataError, match=r"cifar10-jpeg.tar.gz: archive holds no cifar-10-batches-py/ folder.*'folder'"):
+        load_dataset("cifar10", archive)

@@ -130,3 +130,42 @@ def test_the_command_without_the_extra_in_a_fresh_interpreter(tmp_path):
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     assert proc.stderr.count("\n") == 1 and 'pip install "lwat[experiments]"' in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_presets_and_help_need_no_extra():
+    """Listing the presets reads lwat/paper/ alone (torch and the standard library): it runs where the extra is not
+    installed, as the help does; the commands that need the extra still refuse in one line."""
+    run = WITHOUT_EXTRA + "import runpy\nsys.argv = ['lwat', *{argv!r}]\nrunpy.run_module('lwat', run_name='__main__')"
+    proc = fresh_python(run.format(argv=["presets"]))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.splitlines()[0].split()[:4] == ["preset", "smoke", "cpu", "paper"], proc.stdout
+    assert "table4" in proc.stdout and "regularizers" in proc.stdout, proc.stdout
+    proc = fresh_python(run.format(argv=["--help"]))
+    assert proc.returncode == 0 and "presets" in proc.stdout, proc.stderr
+    for argv in (["eval", "runs/none"], ["demo"], ["reproduce", "table4"], ["analyze", "curves", "runs/none"]):
+        proc = fresh_python(run.format(argv=argv))
+        assert proc.returncode == 2 and proc.stdout == "", (argv, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and 'pip install "lwat[experiments]"' in proc.stderr, (argv, proc.stderr)
+
+
+def test_readme_loop_example_runs_as_copied_where_the_extra_is_not_installed():
+    """The README's first code block, pasted into a file by a user with the core install: it runs and perturbs."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Use it in your own training loop"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")]
+    proc = fresh_python(WITHOUT_EXTRA + "import torch; torch.set_num_threads(1)\n" + code
+                        + "print(sorted(lwat.handle_of(model).state_dict()))\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] != "[]", proc.stdout  # the backward pass left a cache
+
+
+@pytest.mark.parametrize("extra,framework", [("lightning", "lightning"), ("huggingface", "transformers")])
+def test_an_integration_without_its_framework_names_its_extra(extra, framework):
+    # A core install that imports a callback: the error says which extra brings the framework
+    proc = fresh_python(f"import sys\nsys.modules[{framework!r}] = None\n"
+                        f"try:\n    import lwat.integrations.{extra}\n"
+                        f"except ModuleNotFoundError as e:\n    print(e.name, '|', e)\n")
+    assert proc.returncode == 0, proc.stderr
+    name, _, message = proc.stdout.strip().partition(" | ")
+    assert name.partition(".")[0] == framework and message.endswith(f'pip install "lwat[{extra}]"'), proc.stdout

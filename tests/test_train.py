@@ -1,5 +1,6 @@
 """Tests of lwat.train: run directory, bit-exact resume after a mid-epoch stop, non-finite loss, signals."""
 
+import dataclasses
 import inspect
 import json
 import os
@@ -165,3 +166,39 @@ def test_rundir_and_train_import_each_other_nowhere():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
     source = inspect.getsource(__import__("lwat.rundir").rundir)
     assert "lwat.train" not in source.replace("`lwat.train` writes", "")
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_compile_trains_inside_lwat_fusion_rule(compile, tmp_path, monkeypatch):
+    """--compile is lwat's compiled path: every step (where inductor compiles the forward and, at the first
+    backward, the backward that writes the cache) and the final evaluation run inside `lwat.fusion_rule()`, and
+    inductor's own rule is back when train returns. Eager training never enters it. (The compiler itself is
+    replaced by a no-op here: what is checked is the scope, not inductor; tests/test_perturb.py checks the rule.)"""
+    import contextlib
+
+    import lwat
+    import lwat.train as lwat_train
+
+    inside, seen = [], []
+
+    @contextlib.contextmanager
+    def rule():
+        inside.append(True)
+        yield
+        inside.pop()
+        seen.append("exited")
+
+    def recording(name, fn):
+        def wrapped(*args, **kwargs):
+            seen.append((name, bool(inside)))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(lwat, "fusion_rule", rule)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: None)  # no C++ compiler needed here
+    monkeypatch.setattr(lwat_train, "_train_epoch", recording("epoch", lwat_train._train_epoch))
+    monkeypatch.setattr(lwat_train, "_finish", recording("finish", lwat_train._finish))
+    train(cfg_for("lat", "cpu", epochs=1, compile=compile), tmp_path / "run", progress="none")
+    assert seen == ([("epoch", True), ("finish", True), "exited"] if compile else [("epoch", False), ("finish", False)])
+    help = next(f.metadata["help"] for f in dataclasses.fields(TrainConfig) if f.name == "compile")
+    assert "lwat.fusion_rule()" in help, help  # lwat train --help says so

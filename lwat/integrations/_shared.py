@@ -3,6 +3,7 @@ the cache (in `lwat.cache`'s format, the trainer's), pass the loss scale."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from itertools import chain
 
@@ -11,6 +12,17 @@ from torch import nn
 
 import lwat
 from lwat import cache as saved_cache
+
+
+@contextlib.contextmanager
+def framework(extra: str):
+    """Around the import of an integration's framework: where it is not installed, the error names the extra
+    (`pip install "lwat[EXTRA]"`) that brings it."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f'{e}; lwat.integrations.{extra} needs it: pip install "lwat[{extra}]"',
+                                  name=e.name) from None
 
 
 class Attachment:

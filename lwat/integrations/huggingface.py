@@ -7,11 +7,13 @@ import os
 import warnings
 
 import torch
-from transformers import TrainerCallback
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from lwat.integrations._shared import Attachment
+from lwat.integrations._shared import Attachment, framework
+
+with framework("huggingface"):
+    from transformers import TrainerCallback
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 CACHE_FILE = "lwat-cache-rank{rank}.pt"  # in each checkpoint folder, one per process
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
 
-from lwat.integrations._shared import Attachment
+from lwat.integrations._shared import Attachment, framework
+
+with framework("lightning"):
+    from lightning.pytorch.callbacks import Callback
 
 
 class LayerwiseAdversarialTraining(Callback):
