@@ -642,7 +642,7 @@ def backward_loop_nests(model, x, y, **compile_kwargs) -> int:
     return sum(n * len(re.findall(rf"\b{kernel}\(", calls)) for kernel, n in loops.items())
 
 
-def test_fusion_rule_fuses_the_cache_writes_inside_its_block_only(device):
+def test_fusion_rule_fuses_the_cache_writes_of_a_compiled_backward_inside_its_block_only(device):
     """Inside `with lwat.fusion_rule()`, a point's signs are written by its BatchNorm backward's own loop: the
     compiled backward runs no loop nest more than the plain model's. After the block, inductor is as before: an
     attached model compiled then keeps most writes in loops of their own (inductor's distance rule), and
