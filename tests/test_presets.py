@@ -504,3 +504,23 @@ def test_report_header_names_only_the_data_its_presets_use():
     assert "CIFAR-100" not in line and line.count("CIFAR-10") == 1 and "trains nothing" in line, line
     line = next(x for x in report.header("cpu", [], data, {"cifar10", "cifar100"}, None) if x.startswith("- Data:"))
     assert "CIFAR-10 and CIFAR-100 not given" in line, line
+
+
+def test_study_headline_from_the_verdicts_alone():
+    """The regularizers study's one sentence, from per-seed numbers written by hand: a gain whose paired interval
+    spans 0 is 'not decided'; one clear of 0 is a yes; with no other row trained it says so."""
+    from types import SimpleNamespace as NS
+
+    from lwat.paper import regularizers as study
+    clean = {"baseline": {0: 69.0, 1: 70.0, 2: 68.0}, "lat": {0: 71.0, 1: 69.5, 2: 69.0}}  # +2, -0.5, +1
+    fgsm = {"baseline": {0: 0.34, 1: 0.35, 2: 0.33}, "lat": {0: 0.41, 1: 0.42, 2: 0.41}}  # +7, +7, +8 points
+    cfg = NS(model="vgg16_bn", width=0.25, train_subset=10000, epochs=30)
+
+    def finished(group):
+        return [NS(training=NS(seed=s), config=cfg, eval={"accuracy": {f"{study.FGSM[0]:g}": a}})
+                for s, a in fgsm.get(group, {}).items()]
+
+    res = NS(by_seed=lambda g: clean.get(g, {}), finished=finished, plan=NS(trainings=[None] * 30))
+    line = study.headline(res)
+    assert "lat's gain over the baseline is not decided (n = 3)" in line, line
+    assert "no other regularizer has a finished run yet" in line and "lat is more robust than the baseline" in line

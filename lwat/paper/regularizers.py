@@ -157,9 +157,11 @@ def headline(res) -> str:
     robust = verdict(_by_seed(res, "lat", FGSM[0]), _by_seed(res, "baseline", FGSM[0]))
     robust = {"yes": "is more robust than the baseline", "no": "is less robust than the baseline"}.get(
         robust, "is not shown more robust than the baseline")
-    return (f"Is lat worth it? At this scale ({scale}), on clean accuracy: {first}; of the "
-            f"{len(others)} other regularizers with runs, lat beats {len(beats)}{_names(beats)} and loses to "
-            f"{len(loses)}{_names(loses)}; the rest are not decided. Under FGSM at eps {FGSM[0]:g}, lat {robust}.")
+    versus = (f"of the {len(others)} other regularizers with runs, lat beats {len(beats)}{_names(beats)} and loses "
+              f"to {len(loses)}{_names(loses)}; the rest are not decided" if others
+              else "no other regularizer has a finished run yet")
+    return (f"Is lat worth it? At this scale ({scale}), on clean accuracy: {first}; {versus}. Under FGSM at eps "
+            f"{FGSM[0]:g}, lat {robust}.")
 
 
 def _names(groups: list[str]) -> str:
