@@ -87,7 +87,7 @@ def _setup(res: Results) -> list[str]:
             f"- Data: {', '.join(dict.fromkeys(data))}; training images: {subsets}",
             f"- Training: {schedule}; augmentation: {aug}; SGD with Nesterov momentum 0.9, weight decay "
             f"{cfgs[0].weight_decay:g}; layerwise eps {eps}",
-            f"- Seeds: {plan.seeds} planned per row; {len(finished) - extra} of {len(plan.trainings)} planned "
+            f"- Seeds: {_per_row(plan)} planned per row; {len(finished) - extra} of {len(plan.trainings)} planned "
             f"trainings finished" + (f", and {extra} further seed(s) found" if extra else "") +
             " (a table row gives its n; an analysis states the seeds it used)",
             f"- Wall time (the logs' training seconds, evaluation excluded): {hours(train_seconds(finished))}; "
@@ -112,3 +112,10 @@ def provenance(res: Results) -> str:
     lacking = ", ".join(f"{k} ({n})" for k, n in missing.items() if n) or "none"
     return (f"- Provenance: rows mixing machines or lwat commits: {'; '.join(mixed) or 'none'}; records that "
             f"finished runs lack (runs): {lacking}")
+
+
+def _per_row(plan) -> str:
+    """The planned seeds per row: "3", or "3 (5: baseline, lat)" where some rows plan more."""
+    counts = Counter(t.group for t in plan.trainings)
+    more = [g for g, n in counts.items() if n > plan.seeds]
+    return f"{plan.seeds}" + (f" ({max(counts.values())}: {', '.join(more)})" if more else "")
