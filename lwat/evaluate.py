@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lwat import cache
 from lwat.attacks import check_eps, eval_mode, fgsm_step, get_attack, input_gradient
 from lwat.perturb import DIRECTIONS, attach
 
@@ -182,7 +183,7 @@ def _input_only_pass(model, x, y, eps, batch_size, direction, device) -> list[to
     preds, signs = [], None
     for xb, yb in batches(x, y, batch_size, device):
         n = len(xb)
-        usable = signs is not None and signs.shape[1:] == xb.shape[1:] and n <= len(signs)
+        usable = cache.fits(signs, xb.shape, xb.device)
         if usable:
             xb = (xb + eps * signs[:n]).clamp_(0, 1)  # pixel units, kept a valid image
         xb.requires_grad_(True)

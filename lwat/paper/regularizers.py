@@ -74,20 +74,12 @@ def plan(plan, data, seeds, device):
                       "lwat.render.verdict: a 95% interval of the paired difference clear of 0, 3 seeds or more.")
 
 
-def _by_seed(res, group: str, eps: float | None = None) -> dict[int, float]:
-    """{seed: accuracy %} of the group's finished runs: final test accuracy, or eval.json's under FGSM at eps."""
-    if eps is None:
-        return res.by_seed(group)
-    return {r.training.seed: 100 * r.eval["accuracy"][f"{eps:g}"] for r in res.finished(group)
-            if r.eval and f"{eps:g}" in r.eval.get("accuracy", {})}
-
-
 def due_more_seeds(res) -> list[str]:
     """Rows with SEEDS["cpu"] or more seeds but fewer than MORE_SEEDS whose clean difference from the baseline is
     not decided: the issue's rule gives them MORE_SEEDS before 'not decided' stands."""
-    base = _by_seed(res, "baseline")
-    return [g for g in groups() if g != "baseline" and SEEDS["cpu"] <= len(_by_seed(res, g)) < MORE_SEEDS
-            and verdict(_by_seed(res, g), base) == "not decided"]
+    base = res.by_seed("baseline")
+    return [g for g in groups() if g != "baseline" and SEEDS["cpu"] <= len(res.by_seed(g)) < MORE_SEEDS
+            and verdict(res.by_seed(g), base) == "not decided"]
 
 
 def _cost(res) -> dict:
@@ -112,13 +104,13 @@ def _diff_cell(a: dict, b: dict) -> str:
 
 
 def render(res) -> list[str]:
-    cost, base = _cost(res), _by_seed(res, "baseline")
+    cost, base = _cost(res), res.by_seed("baseline")
     rows = []
     for group in groups():
-        mine = _by_seed(res, group)
+        mine = res.by_seed(group)
         ratio = _ratio(cost, group)
         rows.append([ROWS[group][1] if group in ROWS else f"lat + {ROWS[group[4:]][1]}", f"{len(mine)}",
-                     _cell(mine), *(_cell(_by_seed(res, group, e)) for e in FGSM),
+                     _cell(mine), *(_cell(res.by_seed(group, eps=e)) for e in FGSM),
                      f"{ratio:.2f}x" if ratio else "—",
                      "—" if group == "baseline" else _diff_cell(mine, base),
                      "—" if group == "baseline" or not mine or not base else verdict(mine, base)])
@@ -133,19 +125,19 @@ def render(res) -> list[str]:
         lines += [f"Due {MORE_SEEDS} seeds before 'not decided' stands (3 leave the interval across 0): "
                   f"{', '.join(due)}{'' if set(due) <= set(DUE) else ' (add them to DUE)'}.", ""]
     lines.append("Claims (each by the one rule, lwat.render.verdict):")
-    lat = _by_seed(res, "lat")
+    lat = res.by_seed("lat")
     for group in groups():
         if group in ("baseline", "lat") or group.startswith("lat+"):
             continue
-        lines.append(claim(f"lat beats {ROWS[group][1]} on clean accuracy", lat, _by_seed(res, group),
+        lines.append(claim(f"lat beats {ROWS[group][1]} on clean accuracy", lat, res.by_seed(group),
                            names=("lat", group)))
     for group in groups():
         if group != "lat" and not group.startswith("lat+"):
-            lines.append(claim(f"lat beats {ROWS[group][1]} under FGSM eps {FGSM[0]:g}", _by_seed(res, "lat", FGSM[0]),
-                               _by_seed(res, group, FGSM[0]), names=("lat", group)))
+            lines.append(claim(f"lat beats {ROWS[group][1]} under FGSM eps {FGSM[0]:g}",
+                               res.by_seed("lat", eps=FGSM[0]), res.by_seed(group, eps=FGSM[0]), names=("lat", group)))
     for group in COMBINED:
         lines.append(claim(f"lat adds to {ROWS[group][1]} (lat+{group} beats {group}, clean)",
-                           _by_seed(res, f"lat+{group}"), _by_seed(res, group), names=(f"lat+{group}", group)))
+                           res.by_seed(f"lat+{group}"), res.by_seed(group), names=(f"lat+{group}", group)))
     return lines + [""]
 
 
@@ -159,20 +151,20 @@ def _cost_note(cost: dict) -> str:
 
 def headline(res) -> str:
     """The study's answer in one sentence, from the verdicts alone."""
-    lat, base = _by_seed(res, "lat"), _by_seed(res, "baseline")
+    lat, base = res.by_seed("lat"), res.by_seed("baseline")
     if not lat or not base:
         done = sum(len(res.finished(g)) for g in groups())
         return (f"Is lat worth it? Not answered yet: {done} of {len(res.plan.trainings)} planned trainings of the "
                 f"study have finished, and {'lat' if not lat else 'the baseline'} has none.")
-    others = [g for g in ROWS if g not in ("baseline", "lat") and _by_seed(res, g)]
-    beats = [g for g in others if verdict(lat, _by_seed(res, g)) == "yes"]
-    loses = [g for g in others if verdict(lat, _by_seed(res, g)) == "no"]
+    others = [g for g in ROWS if g not in ("baseline", "lat") and res.by_seed(g)]
+    beats = [g for g in others if verdict(lat, res.by_seed(g)) == "yes"]
+    loses = [g for g in others if verdict(lat, res.by_seed(g)) == "no"]
     n = min(len(lat), len(base))
     cfg = res.finished("baseline")[0].config
     scale = f"{cfg.model} at width {cfg.width:g}, {cfg.train_subset or 'all'} training images, {cfg.epochs} epochs"
     first = {"yes": "lat beats the baseline", "no": "lat is worse than the baseline",
              "not decided": f"lat's gain over the baseline is not decided (n = {n})"}[verdict(lat, base)]
-    robust = verdict(_by_seed(res, "lat", FGSM[0]), _by_seed(res, "baseline", FGSM[0]))
+    robust = verdict(res.by_seed("lat", eps=FGSM[0]), res.by_seed("baseline", eps=FGSM[0]))
     robust = {"yes": "is more robust than the baseline", "no": "is less robust than the baseline"}.get(
         robust, "is not shown more robust than the baseline")
     versus = (f"of the {len(others)} other regularizers with runs, lat beats {len(beats)}{_names(beats)} and loses "
@@ -193,13 +185,13 @@ def draw(res, out) -> None:
     from lwat.analysis import _plot
 
     cost = _cost(res)
-    points = [(g, _ratio(cost, g)) for g in groups() if _by_seed(res, g)]
+    points = [(g, _ratio(cost, g)) for g in groups() if res.by_seed(g)]
     if not points:
         return
     fig, axes = _plot.figure(1, 2, panel=(5.6, 4.4))
     for ax, eps in zip(axes[0], (None, FGSM[0])):
         for g, ratio in points:
-            mean, std, n = stats(list(_by_seed(res, g, eps).values())) or (math.nan, 0.0, 1)
+            mean, std, n = stats(list(res.by_seed(g, eps=eps).values())) or (math.nan, 0.0, 1)
             half = t.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else 0.0
             x = ratio if ratio is not None else math.nan
             ax.errorbar([x], [mean], yerr=[half], fmt="o" if g != "lat" else "D", capsize=3,

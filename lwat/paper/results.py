@@ -54,9 +54,13 @@ class Results:
         """Stats over the group's finished runs of metrics[key] in %."""
         return stats([100 * r.metrics[key] for r in self.finished(group) if key in r.metrics])
 
-    def by_seed(self, group: str, key: str = "test_acc") -> dict[int, float]:
-        """{seed: metrics[key] in %} of the group's finished runs: what `lwat.render.claim` pairs by seed."""
-        return {r.training.seed: 100 * r.metrics[key] for r in self.finished(group) if key in r.metrics}
+    def by_seed(self, group: str, key: str = "test_acc", *, eps: float | None = None) -> dict[int, float]:
+        """{seed: value in %} of the group's finished runs: metrics[key], or with `eps` eval.json's accuracy under
+        attack at that eps (runs not evaluated at it left out): what `lwat.render.claim` pairs by seed."""
+        if eps is None:
+            return {r.training.seed: 100 * r.metrics[key] for r in self.finished(group) if key in r.metrics}
+        return {r.training.seed: 100 * r.eval["accuracy"][f"{eps:g}"] for r in self.finished(group)
+                if r.eval and f"{eps:g}" in r.eval.get("accuracy", {})}
 
     def cell(self, group: str, key: str = "test_acc") -> str:
         """`acc` as "mean ± std", or why there is none."""

@@ -45,8 +45,7 @@ def plan(plan, data, seeds, device):
 
 def render(res) -> list[str]:
     def robust(group, e):
-        return stats([100 * r.eval["accuracy"][f"{e:g}"] for r in res.finished(group)
-                      if r.eval and f"{e:g}" in r.eval.get("accuracy", {})])
+        return stats(list(res.by_seed(group, eps=e).values()))
 
     def missing(group):
         runs = res.finished(group)
