@@ -2,7 +2,7 @@
 # Harvest the regularizers study (see run_study.sh): every 2 minutes while a worker lives, evaluate each finished run
 # (clean + FGSM at the eps below: the study's table's and 0.04), copy its small files into main's
 # results/regularizers/runs/ and commit them; a run evaluated before an eps was added is evaluated at it and
-# committed again.
+# committed again. After the last worker, one more pass takes the runs that finished with it.
 #   bash results/regularizers/harvest.sh MAIN TREE COMMIT      (run_study.sh starts it)
 set -uo pipefail
 main=$1 tree=$2 commit=$3
@@ -10,7 +10,10 @@ eps="0 0.005 0.02 0.04"
 py="$main/.venv/bin/python"
 cd "$tree"
 export PYTHONPATH="$tree" OMP_NUM_THREADS=1
-while pgrep -f "^$py -m lwat reproduce regularizers" > /dev/null; do
+alive() { pgrep -f "^$py (-m lwat reproduce regularizers|.*train_more.py)" > /dev/null; }
+last=no
+while [ $last = no ]; do
+  alive || last=yes
   for run in results/regularizers/runs/*/; do
     name=$(basename "$run")
     [ -f "$run/metrics.json" ] || continue
@@ -27,6 +30,6 @@ print(' '.join(e for e in sys.argv[2:] if e not in a))" "$run/eval.json" $eps 2>
      git commit -q -m "regularizers study: $name (trained from $commit)" -- "results/regularizers/runs/$name") &&
       echo "$(date -u +%FT%TZ) committed $name"
   done
-  sleep 120
+  [ $last = yes ] || sleep 120
 done
 echo "$(date -u +%FT%TZ) no worker left: harvest ends"
