@@ -206,7 +206,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="clean and adversarial accuracy of a trained run",
                        description="Clean accuracy and accuracy under an attack at several eps on the test set; "
-                                   "prints a table and writes eval.json beside the checkpoint.")
+                                   "prints a table and writes it beside the checkpoint: eval.json for FGSM (what "
+                                   "reports and analyses read), eval-pgd.json for PGD.")
     p.add_argument("run", metavar="RUN_DIR_OR_CKPT")
     p.add_argument("--eps", type=float, nargs="+", default=list(FGSM_EPS),
                    help="attack strengths, pixel units of [0, 1] images (default: the paper's Table 4 values)")

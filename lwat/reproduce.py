@@ -294,17 +294,17 @@ def _options(job) -> dict:
 def _evaluate(res: Results, device: str, say: Callable[[str], None]) -> None:
     for ev in res.plan.evaluations:
         for r in res.finished(ev.group):
-            done = r.eval if r.eval and r.eval.get("attack") == ev.attack else {"accuracy": {}}
+            done = r.eval if r.eval and r.eval.get("attack") == "fgsm" else {"accuracy": {}}
             todo = [e for e in ev.eps if f"{e:g}" not in done["accuracy"]]  # eval.json keeps the eps it has
             if not todo:
                 continue
             if not r.has_checkpoint:
                 say(f"evaluate {r.dir.name}: needs checkpoint, re-run")
                 continue
-            say(f"evaluate {r.dir.name}: {ev.attack} at eps {', '.join(f'{e:g}' for e in todo)}")
+            say(f"evaluate {r.dir.name}: fgsm at eps {', '.join(f'{e:g}' for e in todo)}")
             data_dir = r.training.config.data_dir if r.training.available else None
             try:
-                new = evaluate_run(r.dir, eps_list=todo, attack=ev.attack, device=device, data_dir=data_dir)
+                new = evaluate_run(r.dir, eps_list=todo, device=device, data_dir=data_dir)
             except DataError as e:
                 say(f"evaluate {r.dir.name}: no data ({e})")
                 continue

@@ -11,7 +11,8 @@ A run directory holds
     checkpoint.pt       the newest checkpoint; checkpoint.prev.pt the one before it, kept until a newer one is written
                         and read back, so one bad write never costs the run (the previous one is dropped when the run
                         completes)
-    eval.json           clean and attacked test accuracy (`evaluate_run`)
+    eval.json           clean and FGSM test accuracy (`evaluate_run`), what reports and analyses read;
+                        eval-pgd.json the same under PGD (an attack's accuracies never replace another's)
     reproduce.lock      held by `lwat reproduce` while it trains there
 Every file is written atomically (a temporary file beside it, then renamed): a reader sees the old or the new one.
 While a run trains, its process holds a lock on the directory itself (`claim`).
@@ -453,12 +454,17 @@ def load_one(runs: list, analysis: str, device="cpu"):
     return load_run(runs[0][1].dir, device)[0]
 
 
+def eval_file(attack: str) -> str:
+    """The file beside a checkpoint holding its accuracies under `attack`: eval.json for FGSM, else eval-ATTACK.json."""
+    return EVAL if attack == "fgsm" else f"eval-{attack}.json"
+
+
 def evaluate_run(path, *, eps_list=FGSM_EPS, attack: str = "fgsm", device="auto", batch_size: int = 500,
                  data_dir=None) -> dict:
-    """Clean and attacked test accuracy of a trained run, added to eval.json beside its checkpoint.
+    """Clean and attacked test accuracy of a trained run, added to `eval_file(attack)` beside its checkpoint.
 
-    eval.json is written once per call. A finished run's checkpoint no longer changes, so its eval.json keeps the
-    accuracies of the same attack at other eps from earlier calls; otherwise it holds this call's alone.
+    The file is written once per call. A finished run's checkpoint no longer changes, so the file keeps the
+    accuracies at other eps from earlier calls; otherwise it holds this call's alone.
 
     Args:
         path: run directory or checkpoint file.
@@ -469,7 +475,7 @@ def evaluate_run(path, *, eps_list=FGSM_EPS, attack: str = "fgsm", device="auto"
         data_dir: the data's location if it moved since training.
 
     Returns:
-        {"run", "attack", "accuracy": {eps as text: fraction} for `eps_list`, "path" (of eval.json)}.
+        {"run", "attack", "accuracy": {eps as text: fraction} for `eps_list`, "path" (of the file written)}.
     """
     device = resolve_device(device)
     model, cfg, _ = load_run(path, device)
@@ -481,7 +487,8 @@ def evaluate_run(path, *, eps_list=FGSM_EPS, attack: str = "fgsm", device="auto"
     path = Path(path)
     run_dir = path if path.is_dir() else path.parent
     new = {f"{e:g}": a for e, a in acc.items()}
-    old = read_json(run_dir / EVAL) if (run_dir / METRICS).exists() else None
-    kept = old["accuracy"] if old and old.get("attack") == attack else {}
-    write_json(run_dir / EVAL, {"run": str(path), "attack": attack, "accuracy": {**kept, **new}})
-    return {"run": str(path), "attack": attack, "accuracy": new, "path": str(run_dir / EVAL)}
+    file = run_dir / eval_file(attack)
+    old = read_json(file) if (run_dir / METRICS).exists() else None
+    kept = old["accuracy"] if old and old.get("attack") == attack else {}  # (older eval.json files held any attack)
+    write_json(file, {"run": str(path), "attack": attack, "accuracy": {**kept, **new}})
+    return {"run": str(path), "attack": attack, "accuracy": new, "path": str(file)}

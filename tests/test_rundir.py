@@ -113,6 +113,11 @@ def test_evaluate_run_keeps_a_finished_runs_other_eps(tmp_path):
     assert set(first["accuracy"]) == {"0", "0.1"} and set(second["accuracy"]) == {"0.05"}
     stored = json.loads((run / rundir.EVAL).read_text())
     assert stored["accuracy"] == {**first["accuracy"], **second["accuracy"]}
+    # Another attack goes to its own file: reports read eval.json as FGSM, so PGD must never replace it there.
+    pgd = rundir.evaluate_run(run, eps_list=(0.1,), attack="pgd", device="cpu")
+    assert json.loads((run / rundir.EVAL).read_text()) == stored
+    assert json.loads((run / "eval-pgd.json").read_text())["accuracy"] == pgd["accuracy"]
+    assert rundir.read_run(run).eval == stored
 
 
 def test_read_run_and_missing_config(tmp_path):

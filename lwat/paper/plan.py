@@ -160,11 +160,10 @@ class Training:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Clean and attacked test accuracy of every run of a group (eval.json beside each run)."""
+    """Clean and FGSM test accuracy of every run of a group (eval.json beside each run)."""
 
     group: str
     eps: tuple[float, ...]  # pixel units of [0, 1] images
-    attack: str = "fgsm"
 
 
 @dataclass(frozen=True)
