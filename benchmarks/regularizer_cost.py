@@ -89,8 +89,9 @@ def main(argv=None) -> int:
         print(f"{group:<18} {1000 * median[group]:>9.1f} {step_ratio:>10.2f} {epochs:>6.2f} {step_ratio * epochs:>10.2f}")
     aa = median["baseline again"] / median["baseline"]
     print(f"A/A (baseline again / baseline): {aa:.3f}; {machine(host)}")
+    command = " ".join(["python benchmarks/regularizer_cost.py", *(argv or sys.argv[1:])])
     result = {"machine": machine(host), "date": datetime.date.today().isoformat(), "steps": args.steps,
-              "threads": args.threads, "command": "python benchmarks/regularizer_cost.py " + " ".join(argv or sys.argv[1:]),
+              "threads": args.threads, "command": command,
               "aa_ratio": aa, "lwat": host["lwat"], "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from lwat.render import claim, difference, fmt, stats, table, verdict
 NAME = "regularizers"
 TITLE = "Beyond the paper: lat against label smoothing, mixup, CutMix, cutout, EMA and SAM at equal cost"
 SEEDS = {"smoke": 1, "cpu": 3, "paper": 3}
-PAPER = {"caption": "(not in the paper: a study beyond it, of the question a practitioner asks before adding lat)"}
+PAPER = {"caption": "Not in the paper: a study beyond it, of the question a practitioner asks before adding lat."}
 # Attack eps of the table, pixel units of [0, 1] images: 0.02 is the paper's smallest, where this scale's baseline is
 # near the floor (5.8% at 0.02, 2.5% at 0.04, seed 0); 0.005 (~1.3/255) leaves it at 35.7%, so that rows can differ.
 # Chosen from the baseline's seed-0 run alone, before any other row was attacked; eval.json also keeps 0.04.
@@ -145,8 +145,8 @@ def _cost_note(cost: dict) -> str:
     if not cost:
         return "Training time: no benchmark yet (python benchmarks/regularizer_cost.py writes OUT/cost.json)."
     return (f"Training time: the median step of each row over the baseline's, measured side by side in one process "
-            f"({cost['steps']} steps each, {cost['machine']}, {cost['date']}; `{cost['command']}`), times the row's "
-            "epochs over the baseline's; evaluation excluded.")
+            f"({cost['steps']} steps each, {cost['machine']}, {cost['date']}; `{cost['command'].strip()}`), times "
+            "the row's epochs over the baseline's; evaluation excluded.")
 
 
 def headline(res) -> str:
@@ -161,14 +161,14 @@ def headline(res) -> str:
     loses = [g for g in others if verdict(lat, res.by_seed(g)) == "no"]
     n = min(len(lat), len(base))
     cfg = res.finished("baseline")[0].config
-    scale = f"{cfg.model} at width {cfg.width:g}, {cfg.train_subset or 'all'} training images, {cfg.epochs} epochs"
+    scale = f"{cfg.model} at width {cfg.width:g}, {cfg.train_subset or 'all':,} training images, {cfg.epochs} epochs"
     first = {"yes": "lat beats the baseline", "no": "lat is worse than the baseline",
              "not decided": f"lat's gain over the baseline is not decided (n = {n})"}[verdict(lat, base)]
     robust = verdict(res.by_seed("lat", eps=FGSM[0]), res.by_seed("baseline", eps=FGSM[0]))
     robust = {"yes": "is more robust than the baseline", "no": "is less robust than the baseline"}.get(
         robust, "is not shown more robust than the baseline")
-    versus = (f"of the {len(others)} other regularizers with runs, lat beats {len(beats)}{_names(beats)} and loses "
-              f"to {len(loses)}{_names(loses)}; the rest are not decided" if others
+    versus = (f"against the other regularizers with runs ({len(others)}), lat wins {len(beats)}{_names(beats)} and "
+              f"loses {len(loses)}{_names(loses)}; the rest are not decided" if others
               else "no other regularizer has a finished run yet")
     return (f"Is lat worth it? At this scale ({scale}), on clean accuracy: {first}; {versus}. Under FGSM at eps "
             f"{FGSM[0]:g}, lat {robust}.")

@@ -48,7 +48,7 @@ def header(scale: str, runs: list, data: dict, needed: set, command: str | None)
 
 def section(preset, res: Results) -> list[str]:
     """The report section of one preset: caption, setup, notes, tables with the paper's numbers, claims, plots."""
-    lines = [f"## {preset.name}: {preset.title}", "", f"> Paper, {preset.caption}", ""]
+    lines = [f"## {preset.name}: {preset.title}", "", f"> {'' if preset.study else 'Paper, '}{preset.caption}", ""]
     lines += _setup(res) + [""]
     lines += [f"Note: {n}" for n in res.plan.notes] + ([""] if res.plan.notes else [])
     return lines + preset.render(res) + [""]
