@@ -69,7 +69,7 @@ def robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Seq
         model: classifier taking images in [0, 1].
         x, y: images (uint8 or float in [0, 1]) and labels.
         eps_list: radii in pixel units; 0 gives the clean accuracy.
-        attack: a name in `lwat.attacks.ATTACKS`.
+        attack: a name in `lwat.attacks.ATTACKS` (PGD's random start is seeded: the result is deterministic).
         batch_size: images per forward pass.
         progress: show a tqdm bar over eps_list.
 
@@ -86,7 +86,9 @@ def robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Seq
     if progress:
         from tqdm.auto import tqdm
         values = tqdm(values, desc=f"{attack} eps", leave=False)
-    return {e: accuracy(model, x, y, batch_size=batch_size, attack=attack, eps=e) for e in values}
+    # A random start drawn from a generator seeded 0 for each eps: the same run evaluates the same on every call.
+    return {e: accuracy(model, x, y, batch_size=batch_size, attack=attack, eps=e,
+                        generator=torch.Generator().manual_seed(0)) for e in values}
 
 
 def _fgsm_sweep(model, x, y, eps_list, batch_size, progress) -> dict[float, float]:
