@@ -312,8 +312,9 @@ def _train_epoch(t: _Training, out: Path, pos: _Position, stop: threading.Event,
 
 def _end_epoch(t: _Training, pos: _Position) -> dict:
     # The epoch's log record, measured on what the run yields (the average, with --ema); then the lr schedule steps.
-    if t.world > 1:  # every rank gets rank 0's BatchNorm statistics: the model is then the same everywhere
-        for buffer in t.model.buffers():
+    if t.world > 1:  # every rank gets rank 0's BatchNorm statistics, and their average's (each rank's followed its
+        # own): the model and its average are then the same everywhere, and the ones the checkpoint keeps
+        for buffer in (*t.model.buffers(), *(t.ema.buffers() if t.ema is not None else ())):
             dist.broadcast(buffer, 0)
     tested = t.model if t.ema is None else t.ema.module
     sums, batch_size = pos.sums, t.cfg.eval_batch_size
