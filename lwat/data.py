@@ -651,7 +651,8 @@ def batch_cutout(images: torch.Tensor, size: int, centres: torch.Tensor, fill: t
 
     Args:
         images: (B, C, H, W) float.
-        size: the square's side in pixels (rows centre - size // 2 .. centre + size // 2, exclusive, as the paper's code).
+        size: the square's side in pixels: rows centre - size // 2 .. centre - size // 2 + size, exclusive (for an even
+            side the paper's code's centre - size // 2 .. centre + size // 2; an odd side is not one pixel short).
         centres: (B, 2) integer (row, col), each uniform over the image in training.
         fill: (C,) the value per channel (the training images' mean: zero after normalization, as in the paper's code).
 
@@ -661,8 +662,9 @@ def batch_cutout(images: torch.Tensor, size: int, centres: torch.Tensor, fill: t
     _, _, h, w = images.shape
     rows, cols = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
     centres = centres.to(images.device)
-    inside_r = ((rows >= centres[:, :1] - size // 2) & (rows < centres[:, :1] + size // 2))  # (B, H)
-    inside_c = ((cols >= centres[:, 1:] - size // 2) & (cols < centres[:, 1:] + size // 2))  # (B, W)
+    first = centres - size // 2  # (B, 2) the square's first row and column, before clipping
+    inside_r = (rows >= first[:, :1]) & (rows < first[:, :1] + size)  # (B, H)
+    inside_c = (cols >= first[:, 1:]) & (cols < first[:, 1:] + size)  # (B, W)
     cut = (inside_r[:, :, None] & inside_c[:, None, :])[:, None]
     return torch.where(cut, fill.to(images).view(1, -1, 1, 1), images)
 

@@ -38,8 +38,9 @@ def test_label_smoothing_loss_is_the_smoothed_cross_entropy():
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
 
 
-def test_cutout_sets_one_clipped_square_per_image_and_leaves_the_rest():
-    plain, cut = batches(), batches(cutout=4)
+@pytest.mark.parametrize("size", [4, 3, 1])  # an odd side too: the square is size x size, not (size - 1) x (size - 1)
+def test_cutout_sets_one_clipped_square_per_image_and_leaves_the_rest(size):
+    plain, cut = batches(), batches(cutout=size)
     ds = data()
     fill = ds.train_x.float().mean((0, 2, 3)) / 255
     full = 0
@@ -50,10 +51,10 @@ def test_cutout_sets_one_clipped_square_per_image_and_leaves_the_rest():
             rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
             if len(rows):
                 r0, r1, c0, c1 = rows.min().item(), rows.max().item() + 1, cols.min().item(), cols.max().item() + 1
-                assert r1 - r0 <= 4 and c1 - c0 <= 4
+                assert r1 - r0 <= size and c1 - c0 <= size
                 box = b[:, r0:r1, c0:c1]
                 assert torch.allclose(box, fill.view(3, 1, 1).expand_as(box))  # the whole box is the mean
-                full += (r1 - r0, c1 - c0) == (4, 4)
+                full += (r1 - r0, c1 - c0) == (size, size)
     assert full > len(cut) * 16 / 4  # most squares lie wholly inside an 8x8 image
 
 
