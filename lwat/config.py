@@ -120,6 +120,8 @@ class TrainConfig:
             raise ConfigError("mixup and cutmix: choose one")
         if self.mix_prob != 1 and not (self.mixup or self.cutmix):  # it would change nothing: say so
             raise ConfigError("mix_prob needs mixup or cutmix (--mixup or --cutmix)")
+        if self.mix_prob == 0 and (self.mixup or self.cutmix):  # likewise: no batch would be mixed
+            raise ConfigError("mix_prob 0 mixes no batch: give mixup or cutmix a mix_prob > 0, or leave them off")
         if self.sam_adaptive and not self.sam:
             raise ConfigError("sam_adaptive needs a SAM rho (--sam)")
         if self.sam and self.amp == "fp16":
