@@ -751,6 +751,10 @@ class Loader:
             raise DataError("Loader: mixup and cutmix: choose one")
         if (mixup or cutmix) and not num_classes:
             raise DataError("Loader: mixup and cutmix need num_classes")
+        h, w = x.shape[-2:]
+        if cutout >= 2 * max(h, w) - 1:  # the square then covers the whole image wherever its centre: nothing is left
+            raise DataError(f"cutout {cutout} blanks every {h}x{w} image wholly (any side >= {2 * max(h, w) - 1} "
+                            f"does, wherever its centre); DeVries and Taylor cut about half the image's side")
         self.cutout, self.mix_alpha, self.cutmix, self.mix_prob = cutout, mixup or cutmix, bool(cutmix), mix_prob
         self.num_classes = num_classes
         self.fill = self.x.float().mean((0, 2, 3)) / 255 if cutout else None

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import lwat
 from lwat.config import TrainConfig
-from lwat.data import Loader, synthetic_dataset
+from lwat.data import DataError, Loader, synthetic_dataset
 from lwat.methods import get_method
 from lwat.rundir import CHECKPOINT, load_run
 from lwat.train import make_ema, make_optimizer, make_passes, sam_step, train
@@ -56,6 +56,14 @@ def test_cutout_sets_one_clipped_square_per_image_and_leaves_the_rest(size):
                 assert torch.allclose(box, fill.view(3, 1, 1).expand_as(box))  # the whole box is the mean
                 full += (r1 - r0, c1 - c0) == (size, size)
     assert full > len(cut) * 16 / 4  # most squares lie wholly inside an 8x8 image
+
+
+def test_cutout_that_would_blank_every_image_is_an_error():
+    ds = data()  # 8x8 images: a side of 15 covers all of one wherever its centre (--cutout 16 on digits did so)
+    with pytest.raises(DataError, match="cutout 15 blanks every 8x8 image wholly"):
+        Loader(ds.train_x, ds.train_y, 16, train=True, cutout=15)
+    x, _ = next(iter(Loader(ds.train_x, ds.train_y, 16, train=True, cutout=14)))  # one row or column is left
+    assert (x != x[:, :, :1, :1]).any()
 
 
 def test_mixup_mixes_each_batch_with_one_lambda_and_a_permutation():
