@@ -747,6 +747,11 @@ class Loader:
         self.batch_size, self.train, self.crop, self.flip, self.pad = batch_size, train, crop, flip, pad
         self.seed, self.channels_last, self.rows = seed, channels_last, rows
         self.drop_last = train if drop_last is None else drop_last
+        for name, value in (("cutout", cutout), ("mixup", mixup), ("cutmix", cutmix)):
+            if not value >= 0:  # nan too: mixup nan made every image nan
+                raise DataError(f"Loader: {name} must be >= 0, got {value}")
+        if not 0 <= mix_prob <= 1:
+            raise DataError(f"Loader: mix_prob must be in [0, 1], got {mix_prob}")
         if mixup and cutmix:
             raise DataError("Loader: mixup and cutmix: choose one")
         if (mixup or cutmix) and not num_classes:

@@ -3,6 +3,7 @@ each checked against a computation written out here by hand from its paper, not 
 
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -64,6 +65,16 @@ def test_cutout_that_would_blank_every_image_is_an_error():
         Loader(ds.train_x, ds.train_y, 16, train=True, cutout=15)
     x, _ = next(iter(Loader(ds.train_x, ds.train_y, 16, train=True, cutout=14)))  # one row or column is left
     assert (x != x[:, :, :1, :1]).any()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mixup": float("nan")}, "mixup must be >= 0, got nan"), ({"cutmix": -1.0}, "cutmix must be >= 0"),
+    ({"cutout": -3}, "cutout must be >= 0"), ({"mixup": 1.0, "mix_prob": 5.0}, "mix_prob must be in [0, 1]"),
+])
+def test_loader_rejects_bad_regularizer_values(options, message):
+    ds = data()  # TrainConfig checks these for lwat train; the Loader is also used on its own
+    with pytest.raises(DataError, match=re.escape(message)):
+        Loader(ds.train_x, ds.train_y, 16, train=True, num_classes=10, **options)
 
 
 def test_mixup_mixes_each_batch_with_one_lambda_and_a_permutation():
