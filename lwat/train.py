@@ -127,8 +127,6 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto"
     if cfg.dataset not in LOADERS:
         raise ConfigError(f"unknown data set {cfg.dataset!r}; known: {', '.join(LOADERS)}")
     model_options(cfg.model)  # unknown model: error before anything is written
-    if cfg.sam and method.passes != 1:
-        raise ConfigError(f"sam: combines with the one-pass methods (baseline, lat, random), not {cfg.method}")
     if resume:
         saved = TrainConfig.from_file(out / CONFIG)
         if saved.replace(device=cfg.device) != cfg:  # the device may change, e.g. CPU -> GPU
