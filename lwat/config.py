@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lwat.methods import METHODS
 from lwat.perturb import KERNELS
 
 AMPS = ("off", "bf16", "fp16")  # --amp values: fp32, bfloat16 autocast, float16 autocast with loss scaling
@@ -120,8 +121,14 @@ class TrainConfig:
             raise ConfigError("mixup and cutmix: choose one")
         if self.mix_prob != 1 and not (self.mixup or self.cutmix):  # it would change nothing: say so
             raise ConfigError("mix_prob needs mixup or cutmix (--mixup or --cutmix)")
+        if self.mix_prob == 0 and (self.mixup or self.cutmix):  # likewise: no batch would be mixed
+            raise ConfigError("mix_prob 0 mixes no batch: give mixup or cutmix a mix_prob > 0, or leave them off")
         if self.sam_adaptive and not self.sam:
             raise ConfigError("sam_adaptive needs a SAM rho (--sam)")
+        if self.sam and self.method in METHODS and METHODS[self.method].passes != 1:  # here, not in train: a sweep or
+            # reproduction stops before its first training, not after (an unknown method is train's error)
+            one_pass = ", ".join(name for name, m in METHODS.items() if m.passes == 1)
+            raise ConfigError(f"sam: combines with the one-pass methods ({one_pass}), not {self.method}")
         if self.sam and self.amp == "fp16":
             raise ConfigError("sam: not with --amp fp16 (its two steps do not go through the GradScaler); use bf16")
         if self.lr_drop_factor <= 0 or self.width <= 0:

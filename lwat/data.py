@@ -651,7 +651,8 @@ def batch_cutout(images: torch.Tensor, size: int, centres: torch.Tensor, fill: t
 
     Args:
         images: (B, C, H, W) float.
-        size: the square's side in pixels (rows centre - size // 2 .. centre + size // 2, exclusive, as the paper's code).
+        size: the square's side in pixels: rows centre - size // 2 .. centre - size // 2 + size, exclusive (for an even
+            side the paper's code's centre - size // 2 .. centre + size // 2; an odd side is not one pixel short).
         centres: (B, 2) integer (row, col), each uniform over the image in training.
         fill: (C,) the value per channel (the training images' mean: zero after normalization, as in the paper's code).
 
@@ -661,8 +662,9 @@ def batch_cutout(images: torch.Tensor, size: int, centres: torch.Tensor, fill: t
     _, _, h, w = images.shape
     rows, cols = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
     centres = centres.to(images.device)
-    inside_r = ((rows >= centres[:, :1] - size // 2) & (rows < centres[:, :1] + size // 2))  # (B, H)
-    inside_c = ((cols >= centres[:, 1:] - size // 2) & (cols < centres[:, 1:] + size // 2))  # (B, W)
+    first = centres - size // 2  # (B, 2) the square's first row and column, before clipping
+    inside_r = (rows >= first[:, :1]) & (rows < first[:, :1] + size)  # (B, H)
+    inside_c = (cols >= first[:, 1:]) & (cols < first[:, 1:] + size)  # (B, W)
     cut = (inside_r[:, :, None] & inside_c[:, None, :])[:, None]
     return torch.where(cut, fill.to(images).view(1, -1, 1, 1), images)
 
@@ -745,10 +747,19 @@ class Loader:
         self.batch_size, self.train, self.crop, self.flip, self.pad = batch_size, train, crop, flip, pad
         self.seed, self.channels_last, self.rows = seed, channels_last, rows
         self.drop_last = train if drop_last is None else drop_last
+        for name, value in (("cutout", cutout), ("mixup", mixup), ("cutmix", cutmix)):
+            if not value >= 0:  # nan too: mixup nan made every image nan
+                raise DataError(f"Loader: {name} must be >= 0, got {value}")
+        if not 0 <= mix_prob <= 1:
+            raise DataError(f"Loader: mix_prob must be in [0, 1], got {mix_prob}")
         if mixup and cutmix:
             raise DataError("Loader: mixup and cutmix: choose one")
         if (mixup or cutmix) and not num_classes:
             raise DataError("Loader: mixup and cutmix need num_classes")
+        h, w = x.shape[-2:]
+        if cutout >= 2 * max(h, w) - 1:  # the square then covers the whole image wherever its centre: nothing is left
+            raise DataError(f"cutout {cutout} blanks every {h}x{w} image wholly (any side >= {2 * max(h, w) - 1} "
+                            f"does, wherever its centre); DeVries and Taylor cut about half the image's side")
         self.cutout, self.mix_alpha, self.cutmix, self.mix_prob = cutout, mixup or cutmix, bool(cutmix), mix_prob
         self.num_classes = num_classes
         self.fill = self.x.float().mean((0, 2, 3)) / 255 if cutout else None

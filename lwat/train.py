@@ -127,8 +127,6 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, progress: str = "auto"
     if cfg.dataset not in LOADERS:
         raise ConfigError(f"unknown data set {cfg.dataset!r}; known: {', '.join(LOADERS)}")
     model_options(cfg.model)  # unknown model: error before anything is written
-    if cfg.sam and method.passes != 1:
-        raise ConfigError(f"sam: combines with the one-pass methods (baseline, lat, random), not {cfg.method}")
     if resume:
         saved = TrainConfig.from_file(out / CONFIG)
         if saved.replace(device=cfg.device) != cfg:  # the device may change, e.g. CPU -> GPU
@@ -215,9 +213,16 @@ def _compiling(cfg: TrainConfig):
 
 
 def _setup(cfg, method, rank, world, device) -> _Training:
-    # The data, the model (the same initial weights on every rank), its average, the compiled model, the DDP wrapper,
-    # the optimizer, lr schedule and loss scaler, the step, and the loader of this rank's rows.
+    # The data and the loader of this rank's rows (first: options the images cannot take fail before anything is
+    # built), the model (the same initial weights on every rank), its average, the compiled model, the DDP wrapper,
+    # the optimizer, lr schedule and loss scaler, and the step.
     data = load_data(cfg).to(device)
+    # The global batch (the same on every rank); each rank gathers and augments only its own rows of it (the
+    # loader draws from its own generators, not the global RNG seeded next).
+    loader = Loader(data.train_x, data.train_y, cfg.batch_size * world, train=True, crop=cfg.crop,
+                    flip=cfg.flip, seed=cfg.seed, channels_last=cfg.channels_last,
+                    rows=slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size), cutout=cfg.cutout,
+                    mixup=cfg.mixup, cutmix=cfg.cutmix, mix_prob=cfg.mix_prob, num_classes=data.num_classes)
     torch.manual_seed(cfg.seed)
     model, handle = build(cfg, data.num_classes, data.image_shape)  # the same weights on every rank
     if world > 1:  # each rank its own dropout masks and random signs
@@ -234,11 +239,6 @@ def _setup(cfg, method, rank, world, device) -> _Training:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     run = make_passes(stepped, handle, amp=cfg.amp, device_type=device.type, scaler=scaler,
                       label_smoothing=cfg.label_smoothing)
-    # The global batch (the same on every rank); each rank gathers and augments only its own rows of it.
-    loader = Loader(data.train_x, data.train_y, cfg.batch_size * world, train=True, crop=cfg.crop,
-                    flip=cfg.flip, seed=cfg.seed, channels_last=cfg.channels_last,
-                    rows=slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size), cutout=cfg.cutout,
-                    mixup=cfg.mixup, cutmix=cfg.cutmix, mix_prob=cfg.mix_prob, num_classes=data.num_classes)
     meta = {"num_classes": data.num_classes, "image_shape": list(data.image_shape), "classes": data.classes}
     return _Training(cfg, method, rank, world, device, data, meta, model, handle, ema, opt, sched, scaler, loader,
                      Step(method, stepped, handle, cfg, run, opt, scaler, ema, model))
@@ -312,8 +312,9 @@ def _train_epoch(t: _Training, out: Path, pos: _Position, stop: threading.Event,
 
 def _end_epoch(t: _Training, pos: _Position) -> dict:
     # The epoch's log record, measured on what the run yields (the average, with --ema); then the lr schedule steps.
-    if t.world > 1:  # every rank gets rank 0's BatchNorm statistics: the model is then the same everywhere
-        for buffer in t.model.buffers():
+    if t.world > 1:  # every rank gets rank 0's BatchNorm statistics, and their average's (each rank's followed its
+        # own): the model and its average are then the same everywhere, and the ones the checkpoint keeps
+        for buffer in (*t.model.buffers(), *(t.ema.buffers() if t.ema is not None else ())):
             dist.broadcast(buffer, 0)
     tested = t.model if t.ema is None else t.ema.module
     sums, batch_size = pos.sums, t.cfg.eval_batch_size

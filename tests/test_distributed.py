@@ -50,12 +50,20 @@ def worker(out: Path, port: int) -> None:
         return built["model"], built["handle"]
 
     lwat.train.build = build
+    real_make_ema = lwat.train.make_ema
+
+    def make_ema(*args, **kwargs):  # and its moving average
+        built["ema"] = real_make_ema(*args, **kwargs)
+        return built["ema"]
+
+    lwat.train.make_ema = make_ema
     dumps = out / "dumps"
 
     def dump(name, result):
-        model, handle = built["model"], built["handle"]
+        model, handle, ema = built["model"], built["handle"], built.pop("ema", None)
         torch.save({"model": model.state_dict(), "params": {k: p.detach() for k, p in model.named_parameters()},
                     "cache": handle.state_dict() if handle is not None else None,
+                    "ema": ema.state_dict() if ema is not None else None,
                     "result": json.loads(json.dumps(result))},  # plain types (metrics hold torch's version object)
                    dumps / f"{name}-{rank}.pt")
 
@@ -67,6 +75,7 @@ def worker(out: Path, port: int) -> None:
     dump("full", train(cfg, out / "full", progress="none"))
     dump("stopped", train(cfg, out / "resumed", progress="none", stop_after_steps=3))  # epoch 1, batch 3 of 5
     dump("resumed", train(cfg, out / "resumed", resume=True, progress="none"))
+    dump("ema", train(cfg.replace(ema=0.5), out / "ema", progress="none"))
     dump("fgsm", train(TrainConfig(**FGSM), out / "fgsm", progress="none"))
     compile_ = torch.nn.Module.compile
     torch.nn.Module.compile = lambda self, **kw: compile_(self, backend="aot_eager", **kw)
@@ -111,6 +120,15 @@ def test_ranks_stay_in_sync_with_their_own_caches(runs):
         for point, cache in rank0["cache"].items():  # each rank perturbs with its own previous batch
             assert cache["signs"].shape[0] == cfg["batch_size"]
             assert not torch.equal(cache["signs"], rank1["cache"][point]["signs"]), (name, point)
+
+
+def test_ranks_test_one_moving_average_the_one_saved(runs):
+    # Each rank's average follows its own BatchNorm statistics during an epoch; at its end every rank must test (and
+    # go on from) rank 0's, the one the checkpoint keeps and lwat eval reads.
+    saved = torch.load(runs / "ema" / CHECKPOINT, weights_only=True)["ema"]
+    for rank, dumped in enumerate(load(runs, "ema")):
+        for key, value in saved.items():
+            assert torch.equal(dumped["ema"][key], value), (rank, key)
 
 
 def test_rank0_writes_the_run_and_metrics_are_global(runs):

@@ -3,6 +3,7 @@ each checked against a computation written out here by hand from its paper, not 
 
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 import lwat
 from lwat.config import TrainConfig
-from lwat.data import Loader, synthetic_dataset
+from lwat.data import DataError, Loader, synthetic_dataset
 from lwat.methods import get_method
 from lwat.rundir import CHECKPOINT, load_run
 from lwat.train import make_ema, make_optimizer, make_passes, sam_step, train
@@ -38,8 +39,9 @@ def test_label_smoothing_loss_is_the_smoothed_cross_entropy():
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
 
 
-def test_cutout_sets_one_clipped_square_per_image_and_leaves_the_rest():
-    plain, cut = batches(), batches(cutout=4)
+@pytest.mark.parametrize("size", [4, 3, 1])  # an odd side too: the square is size x size, not (size - 1) x (size - 1)
+def test_cutout_sets_one_clipped_square_per_image_and_leaves_the_rest(size):
+    plain, cut = batches(), batches(cutout=size)
     ds = data()
     fill = ds.train_x.float().mean((0, 2, 3)) / 255
     full = 0
@@ -50,11 +52,29 @@ def test_cutout_sets_one_clipped_square_per_image_and_leaves_the_rest():
             rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
             if len(rows):
                 r0, r1, c0, c1 = rows.min().item(), rows.max().item() + 1, cols.min().item(), cols.max().item() + 1
-                assert r1 - r0 <= 4 and c1 - c0 <= 4
+                assert r1 - r0 <= size and c1 - c0 <= size
                 box = b[:, r0:r1, c0:c1]
                 assert torch.allclose(box, fill.view(3, 1, 1).expand_as(box))  # the whole box is the mean
-                full += (r1 - r0, c1 - c0) == (4, 4)
+                full += (r1 - r0, c1 - c0) == (size, size)
     assert full > len(cut) * 16 / 4  # most squares lie wholly inside an 8x8 image
+
+
+def test_cutout_that_would_blank_every_image_is_an_error():
+    ds = data()  # 8x8 images: a side of 15 covers all of one wherever its centre (--cutout 16 on digits did so)
+    with pytest.raises(DataError, match="cutout 15 blanks every 8x8 image wholly"):
+        Loader(ds.train_x, ds.train_y, 16, train=True, cutout=15)
+    x, _ = next(iter(Loader(ds.train_x, ds.train_y, 16, train=True, cutout=14)))  # one row or column is left
+    assert (x != x[:, :, :1, :1]).any()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mixup": float("nan")}, "mixup must be >= 0, got nan"), ({"cutmix": -1.0}, "cutmix must be >= 0"),
+    ({"cutout": -3}, "cutout must be >= 0"), ({"mixup": 1.0, "mix_prob": 5.0}, "mix_prob must be in [0, 1]"),
+])
+def test_loader_rejects_bad_regularizer_values(options, message):
+    ds = data()  # TrainConfig checks these for lwat train; the Loader is also used on its own
+    with pytest.raises(DataError, match=re.escape(message)):
+        Loader(ds.train_x, ds.train_y, 16, train=True, num_classes=10, **options)
 
 
 def test_mixup_mixes_each_batch_with_one_lambda_and_a_permutation():

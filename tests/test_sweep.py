@@ -38,6 +38,7 @@ def run(capsys, *argv):
     (["--method", "pgd"], "unknown method 'pgd'"),
     (["--model", "vgg19"], "unknown model 'vgg19'"),
     (["--seeds", "0"], "seeds must be >= 1, got 0"),
+    (["--method", "lat-joint", "--sam", "0.05"], "sam: combines with the one-pass methods"),  # before the baseline
 ])
 def test_bad_sweep_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
     code, out, err = run(capsys, "sweep", *SMALL, "--eps", "5", *argv, "--out", str(tmp_path / "s"))
