@@ -113,8 +113,9 @@ class TrainConfig:
             raise ConfigError(f"kernels: unknown value {self.kernels!r}; known: {', '.join(KERNELS)}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
-        if not 0 <= self.label_smoothing < 1 or not 0 <= self.ema < 1:
-            raise ConfigError("label_smoothing and ema must be in [0, 1)")
+        for name in ("label_smoothing", "ema"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.mix_prob <= 1:
             raise ConfigError(f"mix_prob must be in [0, 1], got {self.mix_prob}")
         if self.mixup and self.cutmix:

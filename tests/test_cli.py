@@ -71,7 +71,8 @@ SMALL = ["--model", "mlp_tanh", "--dataset", "synthetic", "--epochs", "1", "--ba
     (["--mix-prob", "0.5"], "mix_prob needs mixup or cutmix"),
     (["--cutmix", "1", "--mix-prob", "0"], "mix_prob 0 mixes no batch"),
     (["--cutout", "64"], "cutout 64 blanks every 32x32 image wholly"),
-    (["--label-smoothing", "1"], "label_smoothing and ema must be in [0, 1)"),
+    (["--label-smoothing", "1"], "label_smoothing must be in [0, 1), got 1.0"),
+    (["--ema", "-0.5"], "ema must be in [0, 1), got -0.5"),
 ])
 def test_bad_train_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
     code, out, err = run(capsys, "train", *SMALL, "--out", str(tmp_path / "r"), *argv)
