@@ -72,7 +72,7 @@ class TrainConfig:
                          "test accuracy and evaluation use the average (usual: 0.999)")
     sam: float = _f(0.0, "SAM rho: sharpness-aware minimization, two passes per step (Foret et al. 2021; usual: "
                          "0.05; the SAM of the pytorch_optimizer package)")
-    sam_adaptive: bool = _f(False, "adaptive SAM (Kwon et al. 2021; usual rho: 2.0)")
+    sam_adaptive: bool = _f(False, "adaptive SAM (Kwon et al. 2021, who tune rho in 0.2-1.0)")
     # running
     seed: int = _f(0, "seeds weights, data order, augmentation, and which images the validation split and "
                       "training subset take")
