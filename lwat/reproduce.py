@@ -165,8 +165,15 @@ def ensure_trained(training: Training, root: Path, index: dict, *, progress: str
             result = train(cfg, run, resume=resume, progress=progress)
     except _Busy as e:
         return f"busy: {e}", run
-    except TrainingError as e:
-        return f"failed: {e}", run
+    except Exception as e:
+        if not has_checkpoint(run):  # nothing to resume (bad input at setup, a failure in epoch 1): no folder left
+            discard_start(run)
+            (run / LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run.rmdir()
+        if isinstance(e, TrainingError):
+            return f"failed: {e}", run
+        raise
     if result.get("status") == "interrupted":
         return "interrupted", run  # the lock file stays: it marks the run as ours, to be resumed at once
     (run / LOCK).unlink(missing_ok=True)

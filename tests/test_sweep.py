@@ -47,6 +47,13 @@ def test_bad_sweep_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
     assert not (tmp_path / "s").exists()  # nothing made
 
 
+def test_a_training_that_fails_at_setup_leaves_no_run_folder(capsys, tmp_path):
+    argv = [a if a != "50" else "5000" for a in SMALL]  # more validation images than the 100-image subset holds
+    code, _, err = run(capsys, "sweep", *argv, "--eps", "5", "--out", str(tmp_path / "s"))
+    assert code == 2 and "val_size=5000 is not possible" in err and err.count("\n") == 1
+    assert list((tmp_path / "s" / "runs").iterdir()) == []  # it left a folder holding reproduce.lock alone
+
+
 def test_val_size_is_required(capsys, tmp_path):
     argv = [a for a in SMALL if a not in ("--val-size", "50")]
     code, _, err = run(capsys, "sweep", *argv, "--eps", "5", "--out", str(tmp_path / "s"))
