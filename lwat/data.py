@@ -762,7 +762,7 @@ class Loader:
                             f"does, wherever its centre); DeVries and Taylor cut about half the image's side")
         self.cutout, self.mix_alpha, self.cutmix, self.mix_prob = cutout, mixup or cutmix, bool(cutmix), mix_prob
         self.num_classes = num_classes
-        self.fill = self.x.float().mean((0, 2, 3)) / 255 if cutout else None
+        self.fill = torch.tensor(mean_std(self.x)[0], device=self.x.device) if cutout else None  # no float copy of x
         self.epoch = 0  # the epoch the next iter() runs
         self.start_batch = 0  # the batch the next iter() starts at (for resuming mid-epoch); reset after use
         if len(self) == 0:
