@@ -87,7 +87,7 @@ SLOW = {
     "test_compile.py": {"test_fusion_rule_changes_inductor_only_inside_its_block",
                         "test_fusion_rule_leaves_inductor_s_own_rule_in_a_fresh_thread",
                         "test_import_lwat_loads_nothing_of_inductor_or_dynamo"},
-    "test_data.py": {"test_image_folder_errors", "test_shared_cifar10_jpeg"},
+    "test_data.py": {"test_digits_and_synthetic", "test_image_folder_errors", "test_shared_cifar10_jpeg"},  # sklearn
     "test_demo.py": {"test_demo_legend_covers_no_data",
                      "test_demo_picture_has_one_colour_per_method_with_mean_and_band"},  # its fixture draws: 5 s
     "test_models.py": {"test_wrn28_10_matches_paper_size", "test_wrn40_10_size"},
