@@ -23,11 +23,14 @@ print(' '.join(e for e in sys.argv[2:] if e not in a))" "$run/eval.json" $eps 2>
       nice -n 10 "$py" -m lwat eval "$run" --eps $missing --device cpu > /dev/null 2>&1 || continue
     fi
     dest="$main/results/regularizers/runs/$name"
-    [ -f "$dest/eval.json" ] && cmp -s "$run/eval.json" "$dest/eval.json" && continue
+    files=(config.json host.json metrics.json eval.json log.jsonl)  # the run's small files (no other script's)
+    paths=("${files[@]/#/results/regularizers/runs/$name/}")
+    [ -f "$dest/eval.json" ] && cmp -s "$run/eval.json" "$dest/eval.json" &&
+      [ -z "$(git -C "$main" status --porcelain -- "${paths[@]}")" ] && continue  # copied and committed
     mkdir -p "$dest"
-    cp "$run"/{config,host,metrics,eval}.json "$run/log.jsonl" "$dest/"
-    (cd "$main" && git add "results/regularizers/runs/$name" &&
-     git commit -q -m "regularizers study: $name (trained from $commit)" -- "results/regularizers/runs/$name") &&
+    for f in "${files[@]}"; do cp "$run/$f" "$dest/"; done
+    (cd "$main" && git add -- "${paths[@]}" &&
+     git commit -q -m "regularizers study: $name (trained from $commit)" -- "${paths[@]}") &&
       echo "$(date -u +%FT%TZ) committed $name"
   done
   [ $last = yes ] || sleep 120
