@@ -47,7 +47,7 @@ COMBINED: tuple[str, ...] = ()
 # (`due_more_seeds` lists them in the report), and the baseline they pair with. A later session adds the rows it
 # lists; those already here keep their seeds.
 MORE_SEEDS = 5
-DUE: tuple[str, ...] = ("baseline", "lat")
+DUE: tuple[str, ...] = ("baseline", "lat", "label-smoothing")
 
 
 def fields(scale: str, device: str, group: str) -> dict:
