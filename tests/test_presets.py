@@ -528,6 +528,9 @@ def test_study_headline_and_the_rows_due_more_seeds_from_the_verdicts_alone():
     line = study.headline(res)
     assert "lat's gain over the baseline is not decided (n = 3)" in line, line
     assert "no other regularizer has a finished run yet" in line and "lat is more robust than the baseline" in line
+    assert "(vgg16_bn at width 0.25, 10,000 training images, 30 epochs)" in line
+    cfg.train_subset = None  # the whole training set (paper scale)
+    assert "0.25, all training images" in study.headline(res)
     cpu_seeds = study.SEEDS["cpu"]
     assert study.due_more_seeds(res) == ["lat"]  # 3 seeds leave its interval across 0: 5 are due
     more = {t.group for t in PRESETS["regularizers"].plan("cpu").trainings if t.seed >= cpu_seeds}

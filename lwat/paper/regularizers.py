@@ -161,7 +161,7 @@ def headline(res) -> str:
     loses = [g for g in others if verdict(lat, res.by_seed(g)) == "no"]
     n = min(len(lat), len(base))
     cfg = res.finished("baseline")[0].config
-    scale = f"{cfg.model} at width {cfg.width:g}, {cfg.train_subset or 'all':,} training images, {cfg.epochs} epochs"
+    scale = f"{cfg.model} at width {cfg.width:g}, {_images(cfg)} training images, {cfg.epochs} epochs"
     first = {"yes": "lat beats the baseline", "no": "lat is worse than the baseline",
              "not decided": f"lat's gain over the baseline is not decided (n = {n})"}[verdict(lat, base)]
     robust = verdict(res.by_seed("lat", eps=FGSM[0]), res.by_seed("baseline", eps=FGSM[0]))
@@ -172,6 +172,10 @@ def headline(res) -> str:
               else "no other regularizer has a finished run yet")
     return (f"Is lat worth it? At this scale ({scale}), on clean accuracy: {first}; {versus}. Under FGSM at eps "
             f"{FGSM[0]:g}, lat {robust}.")
+
+
+def _images(cfg) -> str:
+    return f"{cfg.train_subset:,}" if cfg.train_subset else "all"
 
 
 def _names(groups: list[str]) -> str:
@@ -202,6 +206,6 @@ def draw(res, out) -> None:
         ax.set_title("clean" if eps is None else f"FGSM, eps {eps:g} (pixel units)")
         ax.grid(alpha=0.3)
     cfg = next(r.config for g, _ in points for r in res.finished(g))
-    fig.suptitle(f"{cfg.model} (width {cfg.width:g}), {cfg.train_subset or 'all'} training images, {cfg.epochs} "
+    fig.suptitle(f"{cfg.model} (width {cfg.width:g}), {_images(cfg)} training images, {cfg.epochs} "
                  "epochs: mean and 95% CI of the mean over seeds (n per point)", fontsize=9)
     _plot.save(fig, out / "regularizers.png")
