@@ -533,6 +533,13 @@ def test_study_headline_and_the_rows_due_more_seeds_from_the_verdicts_alone():
     assert "0.25, all training images" in study.headline(res)
     cpu_seeds = study.SEEDS["cpu"]
     assert study.due_more_seeds(res) == ["lat"]  # 3 seeds leave its interval across 0: 5 are due
+    assert study.best_others(res) == []  # not before every row has 3 seeds
+    clean.update({g: {0: 60.0 + i, 1: 60.0 + i, 2: 60.0 + i} for i, g in enumerate(study.ROWS) if g not in clean})
+    # every row now: the highest means are the last rows of ROWS, but lat, the baseline and the control are none
+    ranked = [g for g in reversed(study.ROWS) if g not in ("baseline", "lat", "random")]
+    assert study.best_others(res) == ranked[:2] and "random" in study.ROWS
+    clean["random"] = {0: 99.0, 1: 99.0, 2: 99.0}
+    assert study.best_others(res) == ranked[:2]
     more = {t.group for t in PRESETS["regularizers"].plan("cpu").trainings if t.seed >= cpu_seeds}
     assert more == set(study.DUE) and study.MORE_SEEDS == 5
     assert all(t.seed == 0 for t in PRESETS["regularizers"].plan("smoke").trainings)  # smoke: one seed a row

@@ -39,10 +39,11 @@ ROWS = {
     "sam-half": ({"method": "baseline", "sam": 0.05, "half": True}, "SAM, rho 0.05, half the epochs"),
     "sam": ({"method": "baseline", "sam": 0.05}, "SAM, rho 0.05, equal epochs"),
 }
-# lat with each of the two best other rows (highest mean clean accuracy once every row has SEEDS["cpu"] seeds; that
-# choice looks at the test set, so only lat+X against X is a claim, never lat+X against the baseline). Empty until
-# then: a later session fills it in from the table.
+# lat with each of the two best other rows (`best_others`: highest mean clean accuracy once every row has
+# SEEDS["cpu"] seeds; that choice looks at the test set, so only lat+X against X is a claim, never lat+X against the
+# baseline). Empty until then: the report names them, and a later session copies them here.
 COMBINED: tuple[str, ...] = ()
+NOT_COMBINED = ("baseline", "lat", "random")  # the reference, lat itself, and a control no one trains with
 # Rows due MORE_SEEDS seeds: those whose paired clean interval against the baseline spans 0 with SEEDS["cpu"] seeds
 # (`due_more_seeds` lists them in the report), and the baseline they pair with. A later session adds the rows it
 # lists; those already here keep their seeds.
@@ -80,6 +81,15 @@ def due_more_seeds(res) -> list[str]:
     base = res.by_seed("baseline")
     return [g for g in groups() if g != "baseline" and SEEDS["cpu"] <= len(res.by_seed(g)) < MORE_SEEDS
             and verdict(res.by_seed(g), base) == "not decided"]
+
+
+def best_others(res) -> list[str]:
+    """The two rows lat is combined with: the highest mean clean accuracy among the regularizers, once every row of
+    ROWS has SEEDS["cpu"] seeds (none before)."""
+    if any(len(res.by_seed(g)) < SEEDS["cpu"] for g in ROWS):
+        return []
+    mean = {g: stats(list(res.by_seed(g).values()))[0] for g in ROWS if g not in NOT_COMBINED}
+    return sorted(mean, key=mean.get, reverse=True)[:2]
 
 
 def _cost(res) -> dict:
@@ -124,6 +134,10 @@ def render(res) -> list[str]:
     if due:
         lines += [f"Due {MORE_SEEDS} seeds before 'not decided' stands (3 leave the interval across 0): "
                   f"{', '.join(due)}{'' if set(due) <= set(DUE) else ' (add them to DUE)'}.", ""]
+    best = best_others(res)
+    if best:
+        lines += [f"lat is combined with the two best others by mean clean accuracy: {', '.join(best)}"
+                  f"{'' if set(best) == set(COMBINED) else ' (set COMBINED to them)'}.", ""]
     lines.append("Claims (each by the one rule, lwat.render.verdict):")
     lat = res.by_seed("lat")
     for group in groups():
