@@ -48,7 +48,7 @@ NOT_COMBINED = ("baseline", "lat", "random")  # the reference, lat itself, and a
 # (`due_more_seeds` lists them in the report), and the baseline they pair with. A later session adds the rows it
 # lists; those already here keep their seeds.
 MORE_SEEDS = 5
-DUE: tuple[str, ...] = ("baseline", "lat", "label-smoothing", "cutout")
+DUE: tuple[str, ...] = ("baseline", "lat", "label-smoothing", "cutout", "mixup")
 
 
 def fields(scale: str, device: str, group: str) -> dict:
