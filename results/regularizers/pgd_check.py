@@ -13,37 +13,40 @@ eval-pgd.json copied here. Writes results/regularizers/PGD.md.
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from lwat.render import claim, fmt, stats, table
-from lwat.rundir import eval_file, evaluate_run
+from lwat.rundir import eval_file, evaluate_run, host_info, machine, read_json, write_json
 
 HERE = Path(__file__).parent
 
 
+def runs(group: str) -> list[Path]:
+    return sorted((HERE / "runs").glob(f"regularizers-{group}-seed*"))
+
+
+def record(run: Path, attack: str) -> dict:
+    path = run / eval_file(attack)
+    return json.loads(path.read_text()) if path.exists() else {"accuracy": {}}
+
+
 def accuracies(group: str, attack: str, eps: float) -> dict[int, float]:
     """{seed: accuracy %} of the group's committed runs holding `attack` at `eps`."""
-    found = {}
-    for run in sorted((HERE / "runs").glob(f"regularizers-{group}-seed*")):
-        path = run / eval_file(attack)
-        acc = json.loads(path.read_text())["accuracy"] if path.exists() else {}
-        if f"{eps:g}" in acc:
-            found[json.loads((run / "config.json").read_text())["seed"]] = 100 * acc[f"{eps:g}"]
-    return found
+    return {json.loads((run / "config.json").read_text())["seed"]: 100 * record(run, attack)["accuracy"][f"{eps:g}"]
+            for run in runs(group) if f"{eps:g}" in record(run, attack)["accuracy"]}
 
 
 def evaluate_missing(group: str, eps: float, train_root: Path) -> None:
-    for run in sorted((HERE / "runs").glob(f"regularizers-{group}-seed*")):
-        path = run / eval_file("pgd")
-        if path.exists() and f"{eps:g}" in json.loads(path.read_text())["accuracy"]:
+    """PGD at `eps` for the group's runs without it, on this machine (named in the file), where their checkpoint is."""
+    for run in runs(group):
+        if f"{eps:g}" in record(run, "pgd")["accuracy"]:
             continue
         trained = train_root / run.name
         if not (trained / "checkpoint.pt").exists():
             print(f"{run.name}: no checkpoint under {train_root}, skipped")
             continue
         result = evaluate_run(trained, eps_list=(eps,), attack="pgd", device="cpu")
-        shutil.copy(result["path"], path)
+        write_json(run / eval_file("pgd"), {**read_json(Path(result["path"])), "machine": machine(host_info())})
         print(f"{run.name}: PGD {eps:g} {100 * result['accuracy'][f'{eps:g}']:.2f}%", flush=True)
 
 
@@ -64,7 +67,9 @@ def main() -> None:
              f"Command: `python results/regularizers/pgd_check.py --eps {args.eps:g} {' '.join(args.groups)}` "
              "(runs without PGD evaluated on the CPU, where their checkpoints are). Accuracy % on the 10,000 test "
              "images, mean ± sample std over seeds; PGD: 10 steps of 2.5 eps / 10, random start (lwat.attacks.pgd); "
-             "FGSM from each run's eval.json. Scale and runs: [REPORT.md](REPORT.md).", "",
+             "FGSM from each run's eval.json. Scale and runs: [REPORT.md](REPORT.md). PGD evaluated on: "
+             f"{'; '.join(sorted({record(r, 'pgd').get('machine', 'not recorded') for g in groups for r in runs(g)}))}"
+             ".", "",
              *table(["row", "n (PGD)", f"FGSM {args.eps:g} acc %", f"PGD {args.eps:g} acc %"], rows), "",
              "Claims (each by the one rule, lwat.render.verdict, paired by seed):"]
     for g in args.groups:
