@@ -159,7 +159,8 @@ def _cost_note(cost: dict) -> str:
     if not cost:
         return "Training time: no benchmark yet (python benchmarks/regularizer_cost.py writes OUT/cost.json)."
     return (f"Training time: the median step of each row over the baseline's, measured side by side in one process "
-            f"({cost['steps']} steps each, {cost['machine']}, {cost['date']}; `{cost['command'].strip()}`), times "
+            f"(one run of {cost['steps']} steps each, A/A {cost['aa_ratio']:.2f}, {cost['machine']}, {cost['date']}; "
+            f"`{cost['command'].strip()}`), times "
             "the row's epochs over the baseline's; evaluation excluded.")
 
 
